@@ -1,0 +1,434 @@
+"""PadimDetector: PaDiM as a scikit-learn outlier detector on images."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_is_fitted
+
+from ._features import PatchFeatureExtractor
+from ._gaussian import PatchGaussian, PatchMoments, positions_first
+from ._images import check_images
+from ._maps import distances_to_maps, image_scores
+
+# The parameters PadimDetector hands to its PatchFeatureExtractor.
+_EXTRACTOR_PARAMS = (
+    "backbone",
+    "weights",
+    "layers",
+    "n_features",
+    "reduction",
+    "image_size",
+    "crop_size",
+    "batch_size",
+    "device",
+    "random_state",
+    "verbose",
+)
+
+
+class PadimDetector(OutlierMixin, BaseEstimator):
+    """PaDiM: patch distribution modelling for anomaly detection and localization.
+
+    Fitted on normal images only, the detector models the pretrained-CNN
+    embedding of every patch position with a Gaussian. A test image's patches
+    are scored by their Mahalanobis distance to the Gaussian of their
+    position; the upsampled, smoothed distances form a pixel anomaly map and
+    its maximum is the image's anomaly score (Defard et al., ICPR 2021).
+
+    Training streams over the images: memory holds one batch and the
+    per-position statistics (``h * w * n_features**2`` floats), whatever the
+    number of images. Fitting reads the training images twice: once for the
+    statistics and once to score them for ``offset_``.
+
+    Parameters
+    ----------
+    backbone : str, default="efficientnet_lite0"
+        CNN from :func:`skpadim.backbones.available_backbones`: the paper's
+        "resnet18" and "wide_resnet50_2" (and "resnet34", "resnet50"), or
+        "efficientnet_lite0", whose ImageNet weights ship with the package so
+        the default works offline.
+    weights : "DEFAULT", path-like or None, default="DEFAULT"
+        "DEFAULT": pretrained ImageNet weights; a path: a local state-dict file
+        (e.g. torchvision's checkpoint, for machines without network access);
+        None: random initialisation, for tests only.
+    layers : tuple of str or None, default=None
+        Tapped layers; None uses the backbone's PaDiM default (ResNets:
+        ``("layer1", "layer2", "layer3")``).
+    n_features : int or None, default=None
+        Embedding dimensions kept; None uses the backbone's default (100 for
+        resnet18 and efficientnet_lite0, 550 for wide_resnet50_2).
+    reduction : {"random", "pca"}, default="random"
+        Random dimension selection (the paper's Rd) or PCA (its ablation).
+    random_state : int, RandomState instance or None, default=None
+        Seeds the random dimension selection: the same seed and data give
+        identical scores.
+    epsilon : float, default=0.01
+        Added to the diagonal of every covariance matrix.
+    sigma : float, default=4.0
+        Gaussian smoothing of the anomaly maps, in pixels of the preprocessed
+        image; 0 disables it.
+    image_size : int, (int, int) or None, default=224
+        Images are resized to (image_size, image_size) or to the given
+        (height, width); None keeps the input size (all images must match).
+    crop_size : int, (int, int) or None, default=None
+        Centre crop after resizing, as in the paper's protocol
+        (``image_size=256, crop_size=224``); None analyses the whole image.
+    contamination : float in (0, 0.5], default=0.01
+        Fraction of training images expected to be anomalous: ``offset_`` is
+        that quantile of the training scores.
+    batch_size : int, default=32
+        Images per forward pass.
+    device : str, default="auto"
+        Torch device; "auto" picks CUDA when available.
+    verbose : int, default=0
+        Show progress bars when > 0.
+
+    Attributes
+    ----------
+    feature_extractor_ : PatchFeatureExtractor
+        The fitted embedding stage (backbone weights, kept channels).
+    gaussian_ : PatchGaussian
+        The fitted per-position Gaussians.
+    frame_shape_ : tuple of int
+        (height, width) of the preprocessed images the backbone sees.
+    offset_ : float
+        ``decision_function = score_samples - offset_``.
+    train_scores_ : ndarray of shape (n_samples,)
+        ``score_samples`` of the training images (in-sample, so slightly
+        optimistic), from which ``offset_`` is taken.
+    n_samples_seen_ : int
+        Number of training images.
+
+    See Also
+    --------
+    PatchFeatureExtractor : The embedding stage on its own.
+    PatchGaussian : The per-position Gaussian model on its own.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpadim import PadimDetector
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.integers(100, 156, size=(8, 64, 64, 3), dtype=np.uint8)
+    >>> det = PadimDetector(backbone="resnet18", weights=None, image_size=64,
+    ...                     n_features=20, random_state=0).fit(X)
+    >>> det.anomaly_maps(X[:2]).shape
+    (2, 64, 64)
+    >>> det.predict(X[:2]).shape
+    (2,)
+    """
+
+    _parameter_constraints = {
+        **PatchFeatureExtractor._parameter_constraints,
+        "epsilon": [Interval(numbers.Real, 0, None, closed="neither")],
+        "sigma": [Interval(numbers.Real, 0, None, closed="left")],
+        "contamination": [Interval(numbers.Real, 0, 0.5, closed="right")],
+    }
+
+    def __init__(
+        self,
+        *,
+        backbone="efficientnet_lite0",
+        weights="DEFAULT",
+        layers=None,
+        n_features=None,
+        reduction="random",
+        random_state=None,
+        epsilon=0.01,
+        sigma=4.0,
+        image_size=224,
+        crop_size=None,
+        contamination=0.01,
+        batch_size=32,
+        device="auto",
+        verbose=0,
+    ):
+        self.backbone = backbone
+        self.weights = weights
+        self.layers = layers
+        self.n_features = n_features
+        self.reduction = reduction
+        self.random_state = random_state
+        self.epsilon = epsilon
+        self.sigma = sigma
+        self.image_size = image_size
+        self.crop_size = crop_size
+        self.contamination = contamination
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fit
+    def _new_extractor(self):
+        """An unfitted extractor with our parameters, validated without data."""
+        params = {name: getattr(self, name) for name in _EXTRACTOR_PARAMS}
+        extractor = PatchFeatureExtractor(**params)
+        extractor.check_config()
+        return extractor
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Fit the per-position Gaussians on normal images.
+
+        Parameters
+        ----------
+        X : array of shape (n, H, W[, C]) or list of arrays, paths or PIL images
+            Normal (defect-free) training images, uint8 or float in [0, 1].
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        self : PadimDetector
+            The fitted detector.
+        """
+        self._fit(X)
+        return self
+
+    def _fit(self, X):
+        """Fit from scratch and return the training scores."""
+        images = check_images(X, min_samples=2)
+        extractor = self._new_extractor()
+        extractor._fit(images)
+        moments, frame_shape, feature_shape = None, None, None
+        for batch, embeddings in extractor.embed_batches(images, desc="fit"):
+            frame_shape = self._check_frame(batch, frame_shape)
+            x = positions_first(embeddings)
+            if moments is None:
+                moments = PatchMoments.empty(*x.shape[::2], device=x.device)
+                feature_shape = tuple(embeddings.shape[1:])
+            moments.update(x)
+        gaussian = PatchGaussian(epsilon=self.epsilon, contamination=self.contamination)
+        gaussian.set_moments(moments, feature_shape)
+        scores = -self._image_scores(extractor, gaussian, images, frame_shape)
+
+        self.feature_extractor_ = extractor
+        self.gaussian_ = gaussian
+        self.frame_shape_ = frame_shape
+        self.n_samples_seen_ = moments.count
+        self._set_threshold(scores)
+        return scores
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None):
+        """Add normal images to the statistics, one batch at a time.
+
+        The first call sets up the feature extractor; later calls merge their
+        images' statistics exactly (the result equals ``fit`` on all images).
+        ``offset_`` comes from the scores each image got right after the
+        update that included it.
+
+        Parameters
+        ----------
+        X : array of shape (n, H, W[, C]) or list of arrays, paths or PIL images
+            Normal training images.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        self : PadimDetector
+            The updated detector.
+        """
+        first = not hasattr(self, "gaussian_")
+        images = check_images(X, min_samples=2 if first else 1)
+        if first:
+            extractor = self._new_extractor()
+            extractor._fit(images)
+            moments, frame_shape = None, None
+        else:
+            extractor, frame_shape = self.feature_extractor_, self.frame_shape_
+            moments = self.gaussian_.moments_
+            if moments is None:
+                raise ValueError(
+                    "This PadimDetector was loaded from a file without its "
+                    "streaming statistics and cannot continue partial_fit; fit a "
+                    "new detector."
+                )
+            moments = moments.copy()  # the fitted model stays intact on failure
+        feature_shape = None
+        for batch, embeddings in extractor.embed_batches(images, desc="partial_fit"):
+            frame_shape = self._check_frame(batch, frame_shape)
+            x = positions_first(embeddings)
+            if moments is None:
+                moments = PatchMoments.empty(*x.shape[::2], device=x.device)
+            moments.update(x)
+            feature_shape = tuple(embeddings.shape[1:])
+        gaussian = PatchGaussian(epsilon=self.epsilon, contamination=self.contamination)
+        gaussian.set_moments(moments, feature_shape)
+        scores = -self._image_scores(extractor, gaussian, images, frame_shape)
+        previous = getattr(self, "train_scores_", np.empty(0))
+
+        self.feature_extractor_ = extractor
+        self.gaussian_ = gaussian
+        self.frame_shape_ = frame_shape
+        self.n_samples_seen_ = moments.count
+        self._set_threshold(np.concatenate([previous, scores]))
+        return self
+
+    def _set_threshold(self, train_scores):
+        self.train_scores_ = train_scores
+        self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
+
+    @staticmethod
+    def _check_frame(batch, frame_shape):
+        shape = tuple(batch.shape[-2:])
+        if frame_shape is not None and shape != tuple(frame_shape):
+            raise ValueError(
+                f"Preprocessed images have size {shape} but the detector works on "
+                f"{tuple(frame_shape)}. With image_size=None all images must have "
+                "the training size; set image_size to resize them."
+            )
+        return shape
+
+    # -------------------------------------------------------------- scoring
+    def _iter_maps(self, images, extractor=None, gaussian=None, frame_shape=None):
+        """Yield model-frame anomaly maps (B, H, W) on the device, in order."""
+        if extractor is None:
+            extractor, gaussian = self.feature_extractor_, self.gaussian_
+            frame_shape = self.frame_shape_
+        for batch, embeddings in extractor.embed_batches(images, desc="score"):
+            self._check_frame(batch, frame_shape)
+            with torch.inference_mode():
+                distances = gaussian.distances(embeddings)
+                yield distances_to_maps(distances, frame_shape, self.sigma)
+
+    def _image_scores(self, extractor, gaussian, images, frame_shape):
+        scores = [
+            image_scores(maps).cpu().numpy()
+            for maps in self._iter_maps(images, extractor, gaussian, frame_shape)
+        ]
+        return np.concatenate(scores).astype(np.float64)
+
+    def score_samples(self, X):
+        """Opposite of the image anomaly score (the maximum of its map).
+
+        Parameters
+        ----------
+        X : array of shape (n, H, W[, C]) or list of arrays, paths or PIL images
+            Images to score.
+
+        Returns
+        -------
+        scores : ndarray of shape (n,)
+            Higher is more normal.
+        """
+        check_is_fitted(self)
+        images = check_images(X)
+        return -self._image_scores(None, None, images, None)
+
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative for anomalous images.
+
+        Parameters
+        ----------
+        X : array of shape (n, H, W[, C]) or list of arrays, paths or PIL images
+            Images to score.
+
+        Returns
+        -------
+        decision : ndarray of shape (n,)
+            With labels +1 normal / -1 anomalous, ``roc_auc_score(y,
+            decision_function(X))`` is the image AUROC.
+        """
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """+1 for normal images, -1 for anomalous ones.
+
+        Parameters
+        ----------
+        X : array of shape (n, H, W[, C]) or list of arrays, paths or PIL images
+            Images to classify.
+
+        Returns
+        -------
+        labels : ndarray of shape (n,)
+            1 where ``decision_function(X) >= 0``, else -1.
+        """
+        return np.where(self.decision_function(X) >= 0, 1, -1)
+
+    def fit_predict(self, X, y=None):
+        """Fit on ``X`` and label it, scoring each image once.
+
+        Parameters
+        ----------
+        X : array of shape (n, H, W[, C]) or list of arrays, paths or PIL images
+            Training images.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        labels : ndarray of shape (n,)
+            +1 normal, -1 anomalous.
+        """
+        self.fit(X)
+        return np.where(self.train_scores_ - self.offset_ >= 0, 1, -1)
+
+    def anomaly_maps(self, X, *, resolution="input"):
+        """Pixel anomaly maps; higher is more anomalous.
+
+        Parameters
+        ----------
+        X : array of shape (n, H, W[, C]) or list of arrays, paths or PIL images
+            Images to analyse.
+        resolution : {"input", "model"}, default="input"
+            "input": each map is on the pixel grid of the image as passed in,
+            ready to overlay; the maps are resampled (bilinear) from the
+            model frame, and pixels outside the analysed centre crop (when
+            ``crop_size`` is set) are NaN. "model": maps on the preprocessed
+            frame the backbone saw (after resize and crop), ``frame_shape_``.
+
+        Returns
+        -------
+        maps : ndarray of shape (n, H, W) or list of ndarray, float32
+            A list when the input images differ in size (with
+            ``resolution="input"``).
+        """
+        check_is_fitted(self)
+        if resolution not in ("input", "model"):
+            raise ValueError(
+                f"resolution must be 'input' or 'model'; got {resolution!r}."
+            )
+        images = check_images(X)
+        maps = [m.cpu().numpy() for m in self._iter_maps(images)]
+        maps = np.concatenate(maps)
+        if resolution == "model":
+            return maps
+        return self._to_input_frames(images, maps)
+
+    def _to_input_frames(self, images, maps):
+        preprocessing = self.feature_extractor_.preprocessing_
+        shapes = images.shapes
+        if shapes is None:  # paths: read the sizes from the file headers only
+            shapes = _file_shapes(images)
+        out = [
+            preprocessing.to_input_frame(torch.from_numpy(m[None]), shape)[0].numpy()
+            for m, shape in zip(maps, shapes)
+        ]
+        if len({o.shape for o in out}) == 1:
+            return np.stack(out)
+        return out
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        tags.non_deterministic = False
+        return tags
+
+
+def _file_shapes(images):
+    from PIL import Image
+
+    shapes = []
+    for path in images._items:
+        with Image.open(path) as image:
+            shapes.append((image.height, image.width))
+    return shapes

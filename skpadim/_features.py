@@ -1,0 +1,403 @@
+"""Patch embeddings from a pretrained CNN: the first stage of PaDiM."""
+
+from __future__ import annotations
+
+import numbers
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+from tqdm.auto import tqdm
+
+from ._gaussian import PatchMoments, positions_first
+from ._images import Preprocessing, check_images, check_size
+from .backbones import build_feature_network, get_backbone_spec
+
+
+def resolve_device(device):
+    """``"auto"`` -> CUDA when available, else CPU; validate anything else."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}."
+        ) from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but CUDA is not available.")
+    return resolved
+
+
+class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
+    """Images -> PaDiM patch embeddings of shape (n, n_features, h, w).
+
+    The backbone's tapped feature maps are reduced to ``n_features`` channels
+    (a random subset, or a PCA projection), the coarser maps are upsampled
+    (nearest) to the finest tap's grid, and the results are concatenated. The
+    channels are selected before upsampling, so the full-width embedding is
+    never built (except while fitting the PCA).
+
+    Parameters
+    ----------
+    backbone : str, default="efficientnet_lite0"
+        A name from :func:`skpadim.backbones.available_backbones`.
+    weights : "DEFAULT", path-like or None, default="DEFAULT"
+        ``"DEFAULT"`` for the pretrained ImageNet weights, the path of a local
+        state-dict file, or None for a random initialisation (tests only).
+    layers : tuple of str or None, default=None
+        Tapped layers; None uses the backbone's default (PaDiM: layer1-3).
+    n_features : int or None, default=None
+        Embedding dimensions kept; None uses the backbone's default (100 for
+        resnet18, 550 for wide_resnet50_2).
+    reduction : {"random", "pca"}, default="random"
+        Random dimension selection (PaDiM's Rd) or PCA (its ablation).
+    image_size : int, (int, int) or None, default=224
+        Images are resized to this (height, width); None keeps their size.
+    crop_size : int, (int, int) or None, default=None
+        Centre crop after resizing; None analyses the whole image.
+    batch_size : int, default=32
+        Images per forward pass.
+    device : str, default="auto"
+        Torch device; "auto" picks CUDA when available.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the random channel selection.
+    verbose : int, default=0
+        Show a progress bar when > 0.
+
+    Attributes
+    ----------
+    layers_ : tuple of str
+    n_features_ : int
+    n_channels_ : int
+        Width of the full concatenated embedding (e.g. 448 for resnet18).
+    channel_indices_ : ndarray of shape (n_features_,) or None
+        Kept channels of the concatenation ("random" reduction).
+    components_ : ndarray of shape (n_features_, n_channels_) or None
+        PCA directions ("pca" reduction).
+    pca_mean_ : ndarray of shape (n_channels_,) or None
+    backbone_state_ : dict of str to ndarray
+        Weights of the truncated backbone, so a fitted extractor is
+        self-contained.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpadim import PatchFeatureExtractor
+    >>> X = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
+    >>> ext = PatchFeatureExtractor(backbone="resnet18", weights=None,
+    ...                             image_size=64, n_features=20, random_state=0)
+    >>> ext.fit_transform(X).shape
+    (4, 20, 16, 16)
+    """
+
+    _parameter_constraints = {
+        # Checked against the registry at fit time, so that backbones
+        # registered after import are accepted too.
+        "backbone": [str],
+        "weights": [str, os.PathLike, dict, None],
+        "layers": [tuple, list, str, None],
+        "n_features": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "reduction": [StrOptions({"random", "pca"})],
+        "image_size": [
+            Interval(numbers.Integral, 1, None, closed="left"),
+            tuple,
+            list,
+            None,
+        ],
+        "crop_size": [
+            Interval(numbers.Integral, 1, None, closed="left"),
+            tuple,
+            list,
+            None,
+        ],
+        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "device": [str, torch.device],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        *,
+        backbone="efficientnet_lite0",
+        weights="DEFAULT",
+        layers=None,
+        n_features=None,
+        reduction="random",
+        image_size=224,
+        crop_size=None,
+        batch_size=32,
+        device="auto",
+        random_state=None,
+        verbose=0,
+    ):
+        self.backbone = backbone
+        self.weights = weights
+        self.layers = layers
+        self.n_features = n_features
+        self.reduction = reduction
+        self.image_size = image_size
+        self.crop_size = crop_size
+        self.batch_size = batch_size
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fit
+    def check_config(self):
+        """Validate the parameters that need no data or network.
+
+        Returns
+        -------
+        spec, layers, n_features, preprocessing, device
+        """
+        spec = get_backbone_spec(self.backbone)
+        layers = spec.check_layers(self.layers)
+        n_channels = spec.n_channels(layers)
+        n_features = (
+            spec.default_n_features if self.n_features is None else self.n_features
+        )
+        n_features = (
+            min(n_features, n_channels) if self.n_features is None else n_features
+        )
+        if not 1 <= n_features <= n_channels:
+            raise ValueError(
+                f"n_features must be between 1 and {n_channels}, the number of "
+                f"channels of {self.backbone} layers {list(layers)}; got {n_features}."
+            )
+        preprocessing = Preprocessing(
+            check_size(self.image_size, "image_size"),
+            check_size(self.crop_size, "crop_size"),
+            spec.mean,
+            spec.std,
+        )
+        if preprocessing.image_size is not None:
+            preprocessing.crop_box(preprocessing.image_size)
+        return spec, layers, n_features, preprocessing, resolve_device(self.device)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Load the backbone and choose the kept embedding dimensions.
+
+        Parameters
+        ----------
+        X : array of shape (n, H, W[, C]) or list of arrays, paths or PIL images
+            Training images (used by the "pca" reduction only, but validated).
+        y : Ignored
+
+        Returns
+        -------
+        self : PatchFeatureExtractor
+        """
+        images = check_images(X)
+        self._fit(images)
+        return self
+
+    def _fit(self, images):
+        """Fit from a validated ImageSet; attributes are set only at the end."""
+        spec, layers, n_features, preprocessing, device = self.check_config()
+        network = build_feature_network(spec.name, layers, self.weights)
+        # Numpy views of the weights (no copy): the fitted state to pickle.
+        state = {k: v.detach().cpu().numpy() for k, v in network.state_dict().items()}
+        offsets = np.cumsum([0] + [spec.taps[layer].channels for layer in layers])
+        runtime = _Runtime(network.to(device), preprocessing, device, offsets)
+        channel_indices = components = pca_mean = None
+        if self.reduction == "random":
+            rng = check_random_state(self.random_state)
+            chosen = rng.choice(offsets[-1], size=n_features, replace=False)
+            channel_indices = np.sort(chosen)
+        else:
+            components, pca_mean = self._fit_pca(images, runtime, n_features)
+        runtime.set_reduction(channel_indices, components, pca_mean)
+
+        self.layers_ = layers
+        self.n_features_ = n_features
+        self.n_channels_ = int(offsets[-1])
+        self.channel_indices_ = channel_indices
+        self.components_ = components
+        self.pca_mean_ = pca_mean
+        self.backbone_state_ = state
+        self._runtime = runtime
+
+    def _fit_pca(self, images, runtime, n_features):
+        """Principal directions of the pooled full-width patch embeddings."""
+        moments = None
+        for batch in self._batches(images, runtime, desc="PCA"):
+            full = runtime.reduce(runtime.forward(batch))
+            x = positions_first(full).reshape(1, -1, full.shape[1])
+            part = PatchMoments.from_batch(x)
+            moments = part if moments is None else moments.merge(part)
+        covariance = (moments.scatter[0] / max(moments.count - 1, 1)).cpu().numpy()
+        _, eigvecs = np.linalg.eigh(covariance)
+        components = eigvecs[:, ::-1][:, :n_features].T
+        # Fix each direction's sign (largest entry positive) for reproducibility.
+        signs = np.sign(components[np.arange(n_features), np.abs(components).argmax(1)])
+        components = components * signs[:, None]
+        mean = moments.mean[0].cpu().numpy()
+        return components.astype(np.float32), mean.astype(np.float32)
+
+    # ------------------------------------------------------------ transform
+    def transform(self, X):
+        """Patch embeddings of images.
+
+        Parameters
+        ----------
+        X : array of shape (n, H, W[, C]) or list of arrays, paths or PIL images
+
+        Returns
+        -------
+        embeddings : ndarray of shape (n, n_features_, h, w), float32
+        """
+        check_is_fitted(self)
+        images = check_images(X)
+        embeddings = [e.cpu().numpy() for _, e in self.embed_batches(images)]
+        return np.concatenate(embeddings, axis=0)
+
+    def embed_batches(self, images, desc="embed"):
+        """Yield (preprocessed batch, embeddings) tensor pairs on the device.
+
+        Parameters
+        ----------
+        images : ImageSet
+            Validated images (see ``skpadim._images.check_images``).
+        desc : str
+            Progress-bar label.
+
+        Yields
+        ------
+        batch : tensor of shape (B, 3, H, W)
+        embeddings : tensor of shape (B, n_features_, h, w)
+        """
+        runtime = self._get_runtime()
+        for batch in self._batches(images, runtime, desc=desc):
+            yield batch, runtime.reduce(runtime.forward(batch))
+
+    @property
+    def preprocessing_(self):
+        """The fitted :class:`~skpadim._images.Preprocessing`."""
+        return self._get_runtime().preprocessing
+
+    @property
+    def device_(self):
+        """The torch device the network runs on."""
+        return self._get_runtime().device
+
+    def _batches(self, images, runtime, desc):
+        total = -(-len(images) // self.batch_size)
+        batches = images.batches(self.batch_size)
+        if self.verbose:
+            batches = tqdm(batches, total=total, desc=desc, unit="batch")
+        for arrays in batches:
+            yield runtime.preprocessing(arrays, runtime.device)
+
+    def _get_runtime(self):
+        """The runtime state, rebuilt from the fitted arrays after unpickling."""
+        check_is_fitted(self)
+        if getattr(self, "_runtime", None) is None:
+            spec, _, _, preprocessing, device = self.check_config()
+            network = spec.build(self.layers_)
+            weights = {
+                k: torch.from_numpy(np.array(v))
+                for k, v in self.backbone_state_.items()
+            }
+            network.load_state_dict(weights)
+            network = network.eval().requires_grad_(False).to(device)
+            offsets = np.cumsum(
+                [0] + [spec.taps[layer].channels for layer in self.layers_]
+            )
+            runtime = _Runtime(network, preprocessing, device, offsets)
+            runtime.set_reduction(
+                self.channel_indices_, self.components_, self.pca_mean_
+            )
+            self._runtime = runtime
+        return self._runtime
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, "backbone_state_")
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        # The torch module and the device are rebuilt on load: the pickle holds
+        # plain numpy arrays only, so it loads on a machine without a GPU.
+        state.pop("_runtime", None)
+        return state
+
+    def set_params(self, **params):
+        # A changed parameter invalidates the cached network and device.
+        self.__dict__.pop("_runtime", None)
+        return super().set_params(**params)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        tags.requires_fit = True
+        tags.non_deterministic = False
+        return tags
+
+
+class _Runtime:
+    """What a fitted extractor needs to run: network, preprocessing, reduction.
+
+    Kept out of pickles and rebuilt from the fitted numpy arrays on demand.
+    """
+
+    def __init__(self, network, preprocessing, device, layer_offsets):
+        self.network = network
+        self.preprocessing = preprocessing
+        self.device = device
+        self.layer_offsets = layer_offsets
+        self.channel_indices = self.components = self.pca_shift = None
+
+    def set_reduction(self, channel_indices, components, pca_mean):
+        """Use a channel subset, a PCA projection, or (both None) all channels."""
+        self.channel_indices = channel_indices
+        if components is not None:
+            components = torch.as_tensor(components, device=self.device)
+            pca_mean = torch.as_tensor(pca_mean, device=self.device)
+            self.pca_shift = (components @ pca_mean).view(1, -1, 1, 1)
+        self.components = components
+
+    def forward(self, batch):
+        with torch.inference_mode():
+            return self.network(batch)
+
+    def reduce(self, taps):
+        """Tap outputs -> (B, n_features, h, w) on the finest tap's grid.
+
+        Each tap is reduced first (channel subset or its block of the PCA
+        projection) and upsampled after, which gives the same result as
+        reducing the upsampled concatenation because nearest upsampling
+        commutes with per-pixel linear maps, at a fraction of the memory.
+        """
+        size = taps[0].shape[-2:]
+        bounds = zip(self.layer_offsets[:-1], self.layer_offsets[1:])
+        parts = []
+        with torch.inference_mode():
+            for tap, (start, stop) in zip(taps, bounds):
+                tap = self._reduce_tap(tap, start, stop)
+                if tap is None:
+                    continue
+                if tap.shape[-2:] != size:
+                    tap = F.interpolate(tap, size=size, mode="nearest")
+                parts.append(tap)
+            if self.components is not None:
+                return sum(parts) - self.pca_shift
+            return torch.cat(parts, dim=1)
+
+    def _reduce_tap(self, tap, start, stop):
+        if self.components is not None:
+            return torch.einsum("kc,bchw->bkhw", self.components[:, start:stop], tap)
+        if self.channel_indices is None:
+            return tap
+        indices = self.channel_indices
+        local = indices[(indices >= start) & (indices < stop)] - start
+        if len(local) == 0:
+            return None
+        return tap[:, torch.as_tensor(local, device=tap.device)]

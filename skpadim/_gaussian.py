@@ -1,0 +1,455 @@
+"""One Gaussian per patch position: streaming statistics and Mahalanobis scores.
+
+The statistics of PaDiM are a sum over images, so they are accumulated batch by
+batch and never need the embeddings of more than one batch at a time. Each
+batch is reduced to its (count, mean, centred scatter) with one batched matrix
+product and merged into the running totals with Chan et al.'s pairwise update,
+which stays exact when the values share a large common offset (the naive
+``sum(x x^T) - n mu mu^T`` loses every digit there).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+
+class PatchMoments:
+    """Mergeable per-position sample statistics: count, mean and centred scatter.
+
+    ``fit`` on a data set equals :meth:`merge` of the moments of any partition
+    of it, which is what makes fitting a map-reduce.
+
+    Parameters
+    ----------
+    count : int
+        Number of samples seen.
+    mean : tensor of shape (n_positions, n_features), float64
+    scatter : tensor of shape (n_positions, n_features, n_features), float64
+        Sum over samples of the centred outer products (x - mean)(x - mean)^T.
+    """
+
+    def __init__(self, count, mean, scatter):
+        self.count = int(count)
+        self.mean = torch.as_tensor(mean, dtype=torch.float64)
+        self.scatter = torch.as_tensor(scatter, dtype=torch.float64)
+
+    @classmethod
+    def empty(cls, n_positions, n_features, device="cpu"):
+        """Moments of no samples, ready for :meth:`update`."""
+        mean = torch.zeros(n_positions, n_features, dtype=torch.float64, device=device)
+        scatter = torch.zeros(
+            n_positions, n_features, n_features, dtype=torch.float64, device=device
+        )
+        return cls(0, mean, scatter)
+
+    @classmethod
+    def from_batch(cls, x):
+        """Moments of one batch ``x`` of shape (n_positions, n_samples, n_features)."""
+        return cls.empty(x.shape[0], x.shape[2], device=x.device).update(x)
+
+    @property
+    def shape(self):
+        """(n_positions, n_features)."""
+        return tuple(self.mean.shape)
+
+    def update(self, x):
+        """Add a batch (n_positions, n_samples, n_features) in place; return self.
+
+        The batch is centred on its own mean in float64, then merged with
+        Chan's update. Both outer-product sums are accumulated into the
+        running scatter by in-place batched matmuls, so no extra
+        (n_positions, n_features, n_features) array is ever allocated.
+        """
+        x = x.to(torch.float64)
+        n_new = x.shape[1]
+        batch_mean = x.mean(dim=1)
+        centred = x - batch_mean.unsqueeze(1)
+        total = self.count + n_new
+        delta = batch_mean - self.mean
+        self.scatter.baddbmm_(centred.transpose(1, 2), centred)
+        self.scatter.baddbmm_(
+            delta.unsqueeze(2), delta.unsqueeze(1), alpha=self.count * n_new / total
+        )
+        self.mean.add_(delta, alpha=n_new / total)
+        self.count = total
+        return self
+
+    def merge(self, other):
+        """Return the moments of the union of two disjoint sample sets (Chan)."""
+        if self.shape != other.shape:
+            raise ValueError(
+                "Cannot merge moments of different shapes (n_positions, "
+                f"n_features): {self.shape} and {other.shape}."
+            )
+        total = self.count + other.count
+        if total == 0:
+            return PatchMoments(0, self.mean.clone(), self.scatter.clone())
+        device = self.mean.device
+        other_mean = other.mean.to(device)
+        delta = other_mean - self.mean
+        scatter = self.scatter + other.scatter.to(device)
+        scatter.baddbmm_(
+            delta.unsqueeze(2),
+            delta.unsqueeze(1),
+            alpha=self.count * other.count / total,
+        )
+        mean = self.mean + delta * (other.count / total)
+        return PatchMoments(total, mean, scatter)
+
+    def covariance(self, epsilon, positions=slice(None)):
+        """Unbiased covariance plus ``epsilon`` on the diagonal, float64."""
+        if self.count < 2:
+            raise ValueError(
+                f"At least 2 samples are needed to estimate a covariance; got "
+                f"{self.count}."
+            )
+        covariance = self.scatter[positions] / (self.count - 1)
+        covariance.diagonal(dim1=1, dim2=2).add_(epsilon)
+        return covariance
+
+    def copy(self):
+        """An independent copy."""
+        return PatchMoments(self.count, self.mean.clone(), self.scatter.clone())
+
+    def to(self, device):
+        """The same moments on another torch device."""
+        return PatchMoments(self.count, self.mean.to(device), self.scatter.to(device))
+
+
+def whitening_factors(moments, epsilon, *, chunk_size=256):
+    """Per-position inverse Cholesky factors W = L^-1 with W Sigma W^T = I.
+
+    Computed in float64 with a batched Cholesky and a triangular solve, a
+    chunk of positions at a time so the float64 temporaries stay small; no
+    general matrix inverse is formed (batched ``inv`` is fragile on some CPU
+    LAPACK builds and less accurate).
+
+    Returns
+    -------
+    tensor of shape (n_positions, n_features, n_features), float32, lower triangular
+    """
+    n_positions, n_features = moments.shape
+    device = moments.mean.device
+    out = torch.empty(n_positions, n_features, n_features, device=device)
+    eye = torch.eye(n_features, dtype=torch.float64, device=device)
+    for start in range(0, n_positions, chunk_size):
+        block = slice(start, start + chunk_size)
+        factor, info = torch.linalg.cholesky_ex(moments.covariance(epsilon, block))
+        if int(info.max()) > 0:
+            raise ValueError(
+                "A covariance matrix is not positive definite; epsilon must be > 0 "
+                f"(got {epsilon})."
+            )
+        inverse = torch.linalg.solve_triangular(
+            factor, eye.expand_as(factor), upper=False
+        )
+        out[block] = inverse.to(torch.float32)
+    return out
+
+
+def mahalanobis(x, mean, whitening):
+    """Mahalanobis distances of a batch, one Gaussian per position.
+
+    Parameters
+    ----------
+    x : tensor of shape (n_positions, n_samples, n_features)
+    mean : tensor of shape (n_positions, n_features)
+    whitening : tensor of shape (n_positions, n_features, n_features)
+        Lower-triangular W with W Sigma W^T = I.
+
+    Returns
+    -------
+    tensor of shape (n_positions, n_samples)
+        ||W (x - mean)||, computed as one batched matrix product.
+    """
+    centred = x - mean.unsqueeze(1)
+    return torch.bmm(centred, whitening.transpose(1, 2)).norm(dim=2)
+
+
+def pack_lower(matrices):
+    """Pack the lower triangles of (P, d, d) matrices into (P, d(d+1)/2)."""
+    rows, cols = np.tril_indices(matrices.shape[-1])
+    return np.ascontiguousarray(matrices[:, rows, cols])
+
+
+def unpack_lower(packed, n_features):
+    """Inverse of :func:`pack_lower`."""
+    rows, cols = np.tril_indices(n_features)
+    out = np.zeros((packed.shape[0], n_features, n_features), dtype=packed.dtype)
+    out[:, rows, cols] = packed
+    return out
+
+
+def positions_first(embeddings):
+    """(n, d, h, w) or (n, d) tensor -> (h*w, n, d), the layout of the statistics."""
+    if embeddings.ndim == 2:
+        return embeddings.unsqueeze(0)
+    n, d = embeddings.shape[:2]
+    return embeddings.reshape(n, d, -1).permute(2, 0, 1)
+
+
+class PatchGaussian(OutlierMixin, BaseEstimator):
+    """One Gaussian per patch position, scored by Mahalanobis distance.
+
+    On embeddings of shape (n_samples, n_features, height, width), each of the
+    height x width positions gets its own mean and regularised covariance; on a
+    2-D table (n_samples, n_features) there is a single position and this is a
+    plain Gaussian novelty detector. Statistics are streamed (``partial_fit``)
+    in float64; only the mean and the whitening factor are kept for scoring.
+
+    Parameters
+    ----------
+    epsilon : float, default=0.01
+        Added to the diagonal of every covariance matrix (PaDiM's value).
+    contamination : float in (0, 0.5], default=0.1
+        Expected fraction of outliers in the training set; sets ``offset_``.
+
+    Attributes
+    ----------
+    location_ : ndarray of shape (n_positions, n_features), float32
+        Per-position means.
+    whitening_ : ndarray of shape (n_positions, n_features, n_features), float32
+        Lower-triangular inverse Cholesky factors, ``W Sigma W^T = I``.
+    moments_ : PatchMoments or None
+        The float64 streaming statistics; needed by ``partial_fit``. They are
+        left out of pickles to keep saved models small, so a reloaded
+        estimator can score but not continue ``partial_fit``.
+    n_samples_seen_ : int
+    feature_shape_ : tuple of int
+        Shape of one sample: (n_features,) or (n_features, height, width).
+    n_features_in_ : int
+        Number of features (channels) per position.
+    offset_ : float
+        Threshold on ``score_samples``: ``decision_function = score_samples - offset_``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpadim import PatchGaussian
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(200, 3))
+    >>> det = PatchGaussian(contamination=0.05).fit(X)
+    >>> det.predict([[0.0, 0.0, 0.0], [8.0, 8.0, 8.0]])
+    array([ 1, -1])
+    """
+
+    _parameter_constraints = {
+        "epsilon": [Interval(numbers.Real, 0, None, closed="neither")],
+        "contamination": [Interval(numbers.Real, 0, 0.5, closed="right")],
+    }
+
+    def __init__(self, *, epsilon=0.01, contamination=0.1):
+        self.epsilon = epsilon
+        self.contamination = contamination
+
+    def _validate_embeddings(self, X, *, reset):
+        X = np.asarray(X) if not hasattr(X, "__array__") else X
+        return validate_data(
+            self,
+            X,
+            reset=reset,
+            dtype=[np.float64, np.float32],
+            allow_nd=True,
+            ensure_min_samples=2 if reset else 1,
+        )
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Fit the per-position Gaussians from scratch.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features) or (n_samples, n_features, h, w)
+        y : Ignored
+
+        Returns
+        -------
+        self : PatchGaussian
+        """
+        X = self._validate_embeddings(X, reset=True)
+        self._check_ndim(X)
+        moments = PatchMoments.from_batch(positions_first(torch.from_numpy(X)))
+        self.set_moments(moments, X.shape[1:])
+        self.offset_ = self._offset(self.score_samples(X))
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None):
+        """Add a batch of samples to the statistics.
+
+        Parameters
+        ----------
+        X : array-like of the shape of the first fitted batch
+        y : Ignored
+
+        Returns
+        -------
+        self : PatchGaussian
+        """
+        first = not hasattr(self, "moments_")
+        if not first and self.moments_ is None:
+            raise ValueError(
+                "This PatchGaussian was loaded without its streaming statistics "
+                "and cannot continue partial_fit; fit it again."
+            )
+        X = self._validate_embeddings(X, reset=first)
+        self._check_ndim(X)
+        if not first and X.shape[1:] != self.feature_shape_:
+            raise ValueError(
+                f"X has samples of shape {X.shape[1:]}; expected "
+                f"{self.feature_shape_} as in the previous calls."
+            )
+        moments = PatchMoments.from_batch(positions_first(torch.from_numpy(X)))
+        if not first:
+            moments = self.moments_.merge(moments)
+        self.set_moments(moments, X.shape[1:])
+        self.offset_ = self._offset(self.score_samples(X))
+        return self
+
+    def _check_ndim(self, X):
+        if X.ndim not in (2, 4):
+            raise ValueError(
+                "X must have shape (n_samples, n_features) or (n_samples, "
+                f"n_features, height, width); got shape {X.shape}."
+            )
+
+    def set_moments(self, moments, feature_shape):
+        """Set the Gaussians from streaming statistics (does not set ``offset_``).
+
+        Parameters
+        ----------
+        moments : PatchMoments
+        feature_shape : tuple of int
+            (n_features,) or (n_features, height, width) of one sample.
+
+        Returns
+        -------
+        self : PatchGaussian
+        """
+        whitening = whitening_factors(moments, self.epsilon)
+        self.moments_ = moments
+        self.n_samples_seen_ = moments.count
+        self.n_features_in_ = moments.shape[1]
+        self.feature_shape_ = tuple(feature_shape)
+        self.location_ = moments.mean.to(torch.float32).cpu().numpy()
+        self.whitening_ = whitening.cpu().numpy()
+        self.__dict__.pop("_device_params", None)
+        return self
+
+    def distances(self, embeddings):
+        """Mahalanobis distances of a torch batch, on its own device.
+
+        Parameters
+        ----------
+        embeddings : tensor of shape (n, n_features, h, w) or (n, n_features)
+
+        Returns
+        -------
+        tensor of shape (n, h, w) or (n,), float32
+        """
+        mean, whitening = self._params_on(embeddings.device)
+        dist = mahalanobis(
+            positions_first(embeddings.to(torch.float32)), mean, whitening
+        )
+        return dist.T.reshape(embeddings.shape[:1] + embeddings.shape[2:])
+
+    def _params_on(self, device):
+        # Cache the device copies: moving them for every batch would cost
+        # more than the scoring itself on a GPU.
+        cache = self.__dict__.setdefault("_device_params", {})
+        if device not in cache:
+            cache[device] = (
+                torch.as_tensor(self.location_, device=device),
+                torch.as_tensor(self.whitening_, device=device),
+            )
+        return cache[device]
+
+    def _offset(self, scores):
+        return float(np.percentile(scores, 100.0 * self.contamination))
+
+    def mahalanobis(self, X):
+        """Mahalanobis distance of each sample at each position.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features) or (n_samples, n_features, h, w)
+
+        Returns
+        -------
+        distances : ndarray of shape (n_samples,) or (n_samples, h, w), float32
+        """
+        check_is_fitted(self)
+        X = self._validate_embeddings(X, reset=False)
+        if X.shape[1:] != self.feature_shape_:
+            raise ValueError(
+                f"X has samples of shape {X.shape[1:]}; expected {self.feature_shape_}."
+            )
+        return self.distances(torch.from_numpy(X)).numpy()
+
+    def score_samples(self, X):
+        """Opposite of the largest Mahalanobis distance over positions.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features) or (n_samples, n_features, h, w)
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples,)
+            Higher is more normal.
+        """
+        dist = self.mahalanobis(X)
+        return -dist.reshape(len(dist), -1).max(axis=1).astype(np.float64)
+
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative for outliers.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features) or (n_samples, n_features, h, w)
+
+        Returns
+        -------
+        decision : ndarray of shape (n_samples,)
+        """
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """+1 for inliers, -1 for outliers.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features) or (n_samples, n_features, h, w)
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,)
+        """
+        return np.where(self.decision_function(X) >= 0, 1, -1)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "whitening_" in state:
+            # The factor is triangular: store half of it, and leave the float64
+            # streaming statistics out, to keep saved models small.
+            state["whitening_"] = pack_lower(state["whitening_"])
+            state["moments_"] = None
+        state.pop("_device_params", None)
+        return state
+
+    def __setstate__(self, state):
+        if "whitening_" in state and state["whitening_"].ndim == 2:
+            n_features = state["location_"].shape[1]
+            state["whitening_"] = unpack_lower(state["whitening_"], n_features)
+        super().__setstate__(state)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        return tags
