@@ -202,17 +202,21 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
     def _fit(self, images):
         """Fit from a validated ImageSet; attributes are set only at the end."""
         spec, layers, n_features, preprocessing, device = self.check_config()
-        network = build_feature_network(spec.name, layers, self.weights)
-        # Numpy views of the weights (no copy): the fitted state to pickle.
-        state = {k: v.detach().cpu().numpy() for k, v in network.state_dict().items()}
+        rng = check_random_state(self.random_state)
+        # Seed the initialisation too, so random-init backbones (weights=None)
+        # are reproducible; fork_rng leaves the caller's global RNG alone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.randint(2**31 - 1)))
+            network = build_feature_network(spec.name, layers, self.weights)
         offsets = np.cumsum([0] + [spec.taps[layer].channels for layer in layers])
-        runtime = _Runtime(network.to(device), preprocessing, device, offsets)
         channel_indices = components = pca_mean = None
         if self.reduction == "random":
-            rng = check_random_state(self.random_state)
             chosen = rng.choice(offsets[-1], size=n_features, replace=False)
             channel_indices = np.sort(chosen)
-        else:
+        # Numpy views of the weights (no copy): the fitted state to pickle.
+        state = {k: v.detach().cpu().numpy() for k, v in network.state_dict().items()}
+        runtime = _Runtime(network.to(device), preprocessing, device, offsets)
+        if self.reduction == "pca":
             components, pca_mean = self._fit_pca(images, runtime, n_features)
         runtime.set_reduction(channel_indices, components, pca_mean)
 
@@ -322,7 +326,7 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         return hasattr(self, "backbone_state_")
 
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # a copy: never touch the live object
         # The torch module and the device are rebuilt on load: the pickle holds
         # plain numpy arrays only, so it loads on a machine without a GPU.
         state.pop("_runtime", None)

@@ -434,7 +434,7 @@ class PatchGaussian(OutlierMixin, BaseEstimator):
         return np.where(self.decision_function(X) >= 0, 1, -1)
 
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # a copy: never touch the live object
         if "whitening_" in state:
             # The factor is triangular: store half of it, and leave the float64
             # streaming statistics out, to keep saved models small.

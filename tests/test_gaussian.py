@@ -1,0 +1,146 @@
+"""PatchGaussian and PatchMoments against straightforward numpy references."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from skpadim import PatchGaussian, PatchMoments
+from skpadim._gaussian import positions_first, whitening_factors
+
+
+def reference_moments(X):
+    """Per-position mean and np.cov of (n, d, h, w) data, position-major."""
+    n, d = X.shape[:2]
+    per_position = X.reshape(n, d, -1).transpose(2, 0, 1)  # (P, n, d)
+    means = per_position.mean(axis=1)
+    covs = np.stack([np.cov(p, rowvar=False) for p in per_position])
+    return means, covs
+
+
+def reference_mahalanobis(X, means, covs, epsilon):
+    """Distances with an explicit inverse per position, one at a time."""
+    n, d = X.shape[:2]
+    per_position = X.reshape(n, d, -1).transpose(2, 0, 1)
+    out = np.empty((per_position.shape[0], n))
+    for p, (x, mu, cov) in enumerate(zip(per_position, means, covs)):
+        precision = np.linalg.inv(cov + epsilon * np.eye(d))
+        diff = x - mu
+        out[p] = np.sqrt(np.einsum("nd,de,ne->n", diff, precision, diff))
+    return out.T.reshape((n,) + X.shape[2:])
+
+
+def assert_rel_close(actual, desired, rtol):
+    scale = np.abs(desired).max()
+    np.testing.assert_allclose(actual, desired, rtol=0, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+def test_streaming_moments_match_numpy_cov(offset):
+    rng = np.random.default_rng(0)
+    X = offset + rng.normal(size=(37, 5, 3, 4)) * rng.uniform(0.5, 2, size=(1, 5, 1, 1))
+    means, covs = reference_moments(X)
+    moments = PatchMoments.empty(12, 5)
+    for chunk in np.split(X, [1, 4, 5, 20, 36]):  # uneven, including size 1
+        moments.update(positions_first(torch.from_numpy(chunk)))
+    assert moments.count == 37
+    assert_rel_close(moments.mean.numpy(), means, 1e-12)
+    # Relative to the covariance's own scale: the offset must not cost digits.
+    assert_rel_close(moments.scatter.numpy() / 36, covs, 1e-9)
+
+
+def test_partial_fit_uneven_batches_matches_fit_and_numpy():
+    rng = np.random.default_rng(1)
+    X = 1e4 + rng.normal(size=(40, 6, 2, 3))
+    means, covs = reference_moments(X)
+    streamed = PatchGaussian()
+    for chunk in np.split(X, [3, 10, 11, 33]):
+        streamed.partial_fit(chunk)
+    full = PatchGaussian().fit(X)
+    assert streamed.n_samples_seen_ == 40
+    assert_rel_close(streamed.moments_.scatter.numpy() / 39, covs, 1e-6)
+    assert_rel_close(streamed.moments_.mean.numpy(), means, 1e-6)
+    np.testing.assert_allclose(
+        streamed.whitening_, full.whitening_, rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("split", [[1], [5, 6], [2, 17, 18]])
+def test_merge_of_any_split_equals_whole(split):
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.normal(size=(4, 20, 3)) + 50)
+    whole = PatchMoments.from_batch(x)
+    parts = [PatchMoments.from_batch(p) for p in torch.tensor_split(x, split, dim=1)]
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merged.merge(part)
+    assert merged.count == whole.count
+    np.testing.assert_allclose(merged.mean, whole.mean, rtol=1e-12)
+    np.testing.assert_allclose(merged.scatter, whole.scatter, rtol=1e-9, atol=1e-9)
+
+
+def test_merge_rejects_other_shapes():
+    a = PatchMoments.from_batch(torch.zeros(2, 3, 4))
+    b = PatchMoments.from_batch(torch.zeros(2, 3, 5))
+    with pytest.raises(ValueError, match="different shapes"):
+        a.merge(b)
+
+
+def test_whitening_factor_whitens_the_covariance():
+    rng = np.random.default_rng(3)
+    moments = PatchMoments.from_batch(torch.from_numpy(rng.normal(size=(6, 30, 8))))
+    w = whitening_factors(moments, 0.01, chunk_size=4).double()
+    sigma = moments.covariance(0.01)
+    identity = w @ sigma @ w.transpose(1, 2)
+    np.testing.assert_allclose(
+        identity, np.broadcast_to(np.eye(8), (6, 8, 8)), atol=1e-5
+    )
+    assert torch.equal(w, w.tril())
+
+
+@pytest.mark.parametrize("n_samples", [5, 60])  # fewer and more samples than dims
+def test_mahalanobis_matches_explicit_inverse(n_samples):
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(n_samples, 10, 3, 3)).astype(np.float32)
+    gaussian = PatchGaussian(epsilon=0.01).fit(X)
+    X_test = (rng.normal(size=(7, 10, 3, 3)) * 2).astype(np.float32)
+    means, covs = reference_moments(X.astype(np.float64))
+    expected = reference_mahalanobis(X_test.astype(np.float64), means, covs, 0.01)
+    np.testing.assert_allclose(gaussian.mahalanobis(X_test), expected, rtol=1e-4)
+    score = -expected.reshape(7, -1).max(axis=1)
+    np.testing.assert_allclose(gaussian.score_samples(X_test), score, rtol=1e-4)
+
+
+def test_two_d_input_is_a_single_gaussian():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(300, 3))
+    det = PatchGaussian(contamination=0.1).fit(X)
+    assert det.location_.shape == (1, 3)
+    assert det.mahalanobis(X).shape == (300,)
+    assert np.mean(det.predict(X) == -1) == pytest.approx(0.1, abs=0.01)
+    np.testing.assert_array_equal(
+        det.predict(X), np.where(det.decision_function(X) >= 0, 1, -1)
+    )
+
+
+def test_pickle_stores_half_the_factor_and_scores_identically():
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(30, 12, 2, 2))
+    det = PatchGaussian().fit(X)
+    blob = pickle.dumps(det)
+    assert len(blob) < det.whitening_.nbytes * 0.6 + det.location_.nbytes + 10_000
+    loaded = pickle.loads(blob)
+    np.testing.assert_array_equal(loaded.whitening_, det.whitening_)
+    np.testing.assert_array_equal(loaded.score_samples(X), det.score_samples(X))
+    assert loaded.moments_ is None
+    with pytest.raises(ValueError, match="cannot continue partial_fit"):
+        loaded.partial_fit(X)
+
+
+def test_partial_fit_rejects_other_feature_shapes():
+    det = PatchGaussian().partial_fit(
+        np.zeros((3, 4, 2, 2)) + np.arange(3)[:, None, None, None]
+    )
+    with pytest.raises(ValueError, match="expected"):
+        det.partial_fit(np.zeros((3, 4, 3, 3)))
