@@ -34,6 +34,17 @@ def resolve_device(device):
     return resolved
 
 
+def _check_weights(weights):
+    """Cheap checks of the ``weights`` parameter, before anything is loaded."""
+    if weights is None or weights == "DEFAULT" or isinstance(weights, dict):
+        return
+    if not os.path.isfile(weights):
+        raise ValueError(
+            "weights must be 'DEFAULT', None, a state dict or the path of an "
+            f"existing state-dict file; got {os.fspath(weights)!r}."
+        )
+
+
 class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
     """Images -> PaDiM patch embeddings of shape (n, n_features, h, w).
 
@@ -179,6 +190,7 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         )
         if preprocessing.image_size is not None:
             preprocessing.crop_box(preprocessing.image_size)
+        _check_weights(self.weights)
         return spec, layers, n_features, preprocessing, resolve_device(self.device)
 
     @_fit_context(prefer_skip_nested_validation=True)
