@@ -351,7 +351,6 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
         tags.input_tags.three_d_array = True
         tags.requires_fit = True
         tags.non_deterministic = False

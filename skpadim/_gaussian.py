@@ -249,8 +249,7 @@ class PatchGaussian(OutlierMixin, BaseEstimator):
         self.contamination = contamination
 
     def _validate_embeddings(self, X, *, reset):
-        X = np.asarray(X) if not hasattr(X, "__array__") else X
-        return validate_data(
+        X = validate_data(
             self,
             X,
             reset=reset,
@@ -258,6 +257,8 @@ class PatchGaussian(OutlierMixin, BaseEstimator):
             allow_nd=True,
             ensure_min_samples=2 if reset else 1,
         )
+        # torch refuses to wrap read-only arrays without a warning.
+        return X if X.flags.writeable else X.copy()
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):

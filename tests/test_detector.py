@@ -4,12 +4,13 @@ import joblib
 import numpy as np
 import pytest
 import torch
-from conftest import smooth_texture
 from PIL import Image
 from sklearn.metrics import roc_auc_score
-from test_gaussian import reference_mahalanobis, reference_moments
 
 from skpadim import PadimDetector, PatchFeatureExtractor
+
+from conftest import smooth_texture
+from test_gaussian import reference_mahalanobis, reference_moments
 
 
 def test_statistics_match_numpy_reference(small_params, images):

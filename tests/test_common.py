@@ -1,0 +1,282 @@
+"""scikit-learn's estimator checks on every public estimator.
+
+PatchGaussian takes tables and passes the whole suite. PadimDetector and
+PatchFeatureExtractor take images, so the checks that feed them 2-D tables
+are expected to fail at input validation; each is mapped to an image-native
+test below that checks the same property on images.
+"""
+
+import sys
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.pipeline import make_pipeline
+from sklearn.utils.estimator_checks import parametrize_with_checks
+from sklearn.utils.validation import check_is_fitted
+
+from skpadim import PadimDetector, PatchFeatureExtractor, PatchGaussian
+
+from conftest import smooth_texture
+
+SMALL = dict(
+    backbone="resnet18",
+    weights=None,
+    image_size=32,
+    n_features=8,
+    random_state=0,
+    device="cpu",
+)
+
+# check name -> the image-native test (in this module) of the same property.
+IMAGE_NATIVE = {
+    "check_fit_score_takes_y": "test_fit_accepts_and_ignores_y",
+    "check_estimators_overwrite_params": "test_fit_leaves_params_alone",
+    "check_dont_overwrite_parameters": "test_fit_leaves_params_alone",
+    "check_estimators_fit_returns_self": "test_fit_returns_self",
+    "check_readonly_memmap_input": "test_dtypes_layouts_and_readonly_memmaps",
+    "check_n_features_in_after_fitting": "test_image_shape_bookkeeping",
+    "check_n_features_in": "test_image_shape_bookkeeping",
+    "check_fit2d_predict1d": "test_image_shape_bookkeeping",
+    "check_positive_only_tag_during_fit": "test_pixel_range_is_enforced",
+    "check_estimators_dtypes": "test_dtypes_layouts_and_readonly_memmaps",
+    "check_complex_data": "test_pixel_range_is_enforced",
+    "check_dtype_object": "test_pixel_range_is_enforced",
+    "check_f_contiguous_array_estimator": "test_dtypes_layouts_and_readonly_memmaps",
+    "check_estimators_empty_data_messages": "test_empty_and_single_image_inputs",
+    "check_fit2d_1sample": "test_empty_and_single_image_inputs",
+    "check_fit2d_1feature": "test_grayscale_single_channel_images",
+    "check_pipeline_consistency": "test_pipeline_consistency",
+    "check_estimators_nan_inf": "test_nan_and_inf_are_rejected",
+    "check_estimator_sparse_tag": "test_non_image_containers_are_rejected",
+    "check_estimator_sparse_array": "test_non_image_containers_are_rejected",
+    "check_estimator_sparse_matrix": "test_non_image_containers_are_rejected",
+    "check_classifier_data_not_an_array": "test_non_image_containers_are_rejected",
+    "check_transformer_data_not_an_array": "test_non_image_containers_are_rejected",
+    "check_estimators_pickle": "test_pickle_round_trip",
+    "check_outliers_fit_predict": "test_outliers_train_and_contamination",
+    "check_outliers_train": "test_outliers_train_and_contamination",
+    "check_methods_sample_order_invariance": "test_sample_order_invariance",
+    "check_methods_subset_invariance": "test_subset_invariance",
+    "check_dict_unchanged": "test_predicting_leaves_the_estimator_unchanged",
+    "check_fit_idempotent": "test_fit_idempotent",
+    "check_fit_check_is_fitted": "test_check_is_fitted",
+    "check_transformer_general": "test_transformer_general",
+    "check_transformer_preserve_dtypes": "test_transformer_general",
+}
+
+
+def expected_failed_checks(estimator):
+    if isinstance(estimator, PatchGaussian):
+        return {}
+    return {
+        check: f"feeds a 2-D table; the same property on images: {test}"
+        for check, test in IMAGE_NATIVE.items()
+    }
+
+
+@parametrize_with_checks(
+    [PatchGaussian(), PadimDetector(**SMALL), PatchFeatureExtractor(**SMALL)],
+    expected_failed_checks=expected_failed_checks,
+)
+def test_sklearn_compatible_estimator(estimator, check):
+    check(estimator)
+
+
+def test_every_mapped_check_has_its_image_native_test():
+    module = sys.modules[__name__]
+    assert all(callable(getattr(module, name, None)) for name in IMAGE_NATIVE.values())
+
+
+# ------------------------------------------------------------------ images
+X = smooth_texture(np.random.default_rng(0), 10, size=32)
+ESTIMATORS = [PadimDetector, PatchFeatureExtractor]
+
+
+def _output(est, X):
+    if isinstance(est, PadimDetector):
+        return est.score_samples(X)
+    return est.transform(X)
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_fit_returns_self(cls):
+    est = cls(**SMALL)
+    assert est.fit(X) is est
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_fit_accepts_and_ignores_y(cls):
+    a = cls(**SMALL).fit(X)
+    b = cls(**SMALL).fit(X, np.arange(len(X)))
+    np.testing.assert_array_equal(_output(a, X), _output(b, X))
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_fit_leaves_params_alone(cls):
+    est = cls(**SMALL)
+    before = clone(est).get_params()
+    est.fit(X)
+    assert est.get_params() == before
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_fit_idempotent(cls):
+    est = cls(**SMALL)
+    first = _output(est.fit(X), X)
+    np.testing.assert_array_equal(_output(est.fit(X), X), first)
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_check_is_fitted(cls):
+    est = cls(**SMALL)
+    with pytest.raises(NotFittedError):
+        check_is_fitted(est)
+    check_is_fitted(est.fit(X))
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_dtypes_layouts_and_readonly_memmaps(cls, tmp_path):
+    est = cls(**SMALL).fit(X)
+    expected = _output(est, X)
+    memmap = np.lib.format.open_memmap(
+        tmp_path / "x.npy", mode="w+", shape=X.shape, dtype=X.dtype
+    )
+    memmap[:] = X
+    readonly = np.load(tmp_path / "x.npy", mmap_mode="r")
+    for variant in (X / np.float32(255), X / 255.0, np.asfortranarray(X), readonly):
+        np.testing.assert_allclose(
+            _output(est, variant), expected, rtol=1e-4, atol=1e-5
+        )
+    cls(**SMALL).fit(readonly)  # fitting on a read-only memmap works too
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_image_shape_bookkeeping(cls):
+    est = cls(**SMALL).fit(X)
+    # Inputs of any size are resized to the fitted frame; outputs follow it.
+    bigger = smooth_texture(np.random.default_rng(1), 2, size=48)
+    out = _output(est, bigger)
+    assert out.shape[0] == 2
+    if isinstance(est, PadimDetector):
+        assert est.frame_shape_ == (32, 32)
+        assert est.gaussian_.feature_shape_ == (8, 8, 8)
+        assert est.anomaly_maps(bigger).shape == (2, 48, 48)
+    else:
+        assert out.shape == (2, 8, 8, 8)
+    with pytest.raises(ValueError, match="shape"):
+        _output(est, X[0, :, :, 0].ravel()[None])  # a flat 1-D image
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_pixel_range_is_enforced(cls):
+    est = cls(**SMALL)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        est.fit(X / 255.0 - 0.5)
+    with pytest.raises(TypeError, match="dtype uint8"):
+        est.fit(X.astype(np.complex64))
+    with pytest.raises(TypeError, match="dtype uint8"):
+        est.fit(X.astype(object))
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_empty_and_single_image_inputs(cls):
+    with pytest.raises(ValueError, match="empty"):
+        cls(**SMALL).fit([])
+    with pytest.raises(ValueError, match="Expected at least"):
+        cls(**SMALL).fit(X[:0])
+    if cls is PadimDetector:
+        with pytest.raises(ValueError, match="at least 2 images"):
+            cls(**SMALL).fit(X[:1])
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_grayscale_single_channel_images(cls):
+    gray = X[..., :1]
+    est = cls(**SMALL).fit(gray)
+    np.testing.assert_array_equal(_output(est, gray), _output(est, gray[..., 0]))
+    np.testing.assert_allclose(
+        _output(est, gray), _output(est, np.repeat(gray, 3, axis=3))
+    )
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_pipeline_consistency(cls):
+    est = cls(**SMALL).fit(X)
+    pipe = make_pipeline(cls(**SMALL)).fit(X)
+    method = "score_samples" if cls is PadimDetector else "transform"
+    np.testing.assert_array_equal(getattr(pipe, method)(X), _output(est, X))
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_nan_and_inf_are_rejected(cls):
+    for bad in (np.nan, np.inf, -np.inf):
+        images = X / 255.0
+        images[0, 0, 0, 0] = bad
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            cls(**SMALL).fit(images)
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_non_image_containers_are_rejected(cls):
+    import scipy.sparse
+
+    with pytest.raises(TypeError, match="got csr_matrix"):
+        cls(**SMALL).fit(scipy.sparse.csr_matrix(np.eye(4)))
+    with pytest.raises(TypeError, match="got dict"):
+        cls(**SMALL).fit({"images": X})
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_pickle_round_trip(cls):
+    import pickle
+
+    est = cls(**SMALL).fit(X)
+    loaded = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(_output(loaded, X), _output(est, X))
+
+
+def test_outliers_train_and_contamination():
+    for contamination in (0.1, 0.2, 0.5):
+        det = PadimDetector(**SMALL, contamination=contamination)
+        labels = det.fit_predict(X)
+        assert labels.dtype.kind == "i" and set(labels) <= {-1, 1}
+        assert (labels == -1).mean() == pytest.approx(contamination)
+        decision = det.decision_function(X)
+        np.testing.assert_array_equal(det.predict(X) == 1, decision >= 0)
+        np.testing.assert_allclose(decision, det.score_samples(X) - det.offset_)
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_sample_order_invariance(cls):
+    est = cls(**SMALL).fit(X)
+    order = np.random.default_rng(0).permutation(len(X))
+    np.testing.assert_allclose(
+        _output(est, X[order]), _output(est, X)[order], rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
+def test_subset_invariance(cls):
+    est = cls(**SMALL, batch_size=4).fit(X)
+    whole = _output(est, X)
+    parts = np.concatenate([_output(est, X[i : i + 3]) for i in range(0, len(X), 3)])
+    np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_predicting_leaves_the_estimator_unchanged():
+    det = PadimDetector(**SMALL).fit(X)
+    before = dict(det.__dict__)
+    for method in ("predict", "score_samples", "decision_function", "anomaly_maps"):
+        getattr(det, method)(X)
+    assert det.__dict__.keys() == before.keys()
+    assert all(det.__dict__[k] is before[k] for k in before)
+
+
+def test_transformer_general():
+    ext = PatchFeatureExtractor(**SMALL)
+    fitted_output = ext.fit_transform(X)
+    np.testing.assert_array_equal(fitted_output, ext.transform(X))
+    for variant in (X, X / np.float64(255)):
+        assert ext.transform(variant).dtype == np.float32
