@@ -14,6 +14,7 @@ from ._features import PatchFeatureExtractor
 from ._gaussian import PatchGaussian, PatchMoments, positions_first
 from ._images import check_images
 from ._maps import distances_to_maps, image_scores
+from ._persistence import VersionedStateMixin
 
 # The parameters PadimDetector hands to its PatchFeatureExtractor.
 _EXTRACTOR_PARAMS = (
@@ -31,7 +32,7 @@ _EXTRACTOR_PARAMS = (
 )
 
 
-class PadimDetector(OutlierMixin, BaseEstimator):
+class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
     """PaDiM: patch distribution modelling for anomaly detection and localization.
 
     Fitted on normal images only, the detector models the pretrained-CNN

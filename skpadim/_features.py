@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ._gaussian import PatchMoments, positions_first
 from ._images import Preprocessing, check_images, check_size
+from ._persistence import VersionedStateMixin
 from .backbones import build_feature_network, get_backbone_spec
 
 
@@ -34,6 +36,23 @@ def resolve_device(device):
     return resolved
 
 
+def _loaded_model_device(device):
+    """The device for a fitted model: like resolve_device, but a model fitted
+    on a GPU and loaded on a machine without one falls back to the CPU."""
+    try:
+        return resolve_device(device)
+    except ValueError:
+        if torch.cuda.is_available() or "cuda" not in str(device):
+            raise
+        warnings.warn(
+            f"This model was set up for device={device!r}, which is not available "
+            "here; it runs on the CPU. Use set_params(device='cpu') to silence this.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return torch.device("cpu")
+
+
 def _check_weights(weights):
     """Cheap checks of the ``weights`` parameter, before anything is loaded."""
     if weights is None or weights == "DEFAULT" or isinstance(weights, dict):
@@ -45,7 +64,7 @@ def _check_weights(weights):
         )
 
 
-class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
+class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator):
     """Images -> PaDiM patch embeddings of shape (n, n_features, h, w).
 
     The backbone's tapped feature maps are reduced to ``n_features`` channels
@@ -316,7 +335,14 @@ class PatchFeatureExtractor(TransformerMixin, BaseEstimator):
         """The runtime state, rebuilt from the fitted arrays after unpickling."""
         check_is_fitted(self)
         if getattr(self, "_runtime", None) is None:
-            spec, _, _, preprocessing, device = self.check_config()
+            spec = get_backbone_spec(self.backbone)
+            preprocessing = Preprocessing(
+                check_size(self.image_size, "image_size"),
+                check_size(self.crop_size, "crop_size"),
+                spec.mean,
+                spec.std,
+            )
+            device = _loaded_model_device(self.device)
             network = spec.build(self.layers_)
             weights = {
                 k: torch.from_numpy(np.array(v))

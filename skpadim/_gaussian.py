@@ -18,6 +18,8 @@ from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._persistence import VersionedStateMixin
+
 
 class PatchMoments:
     """Mergeable per-position sample statistics: count, mean and centred scatter.
@@ -194,7 +196,7 @@ def positions_first(embeddings):
     return embeddings.reshape(n, d, -1).permute(2, 0, 1)
 
 
-class PatchGaussian(OutlierMixin, BaseEstimator):
+class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
     """One Gaussian per patch position, scored by Mahalanobis distance.
 
     On embeddings of shape (n_samples, n_features, height, width), each of the
