@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numbers
+from contextlib import contextmanager
 
 import numpy as np
 import torch
+from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
@@ -14,6 +16,7 @@ from ._features import PatchFeatureExtractor
 from ._gaussian import PatchGaussian, PatchMoments, positions_first
 from ._images import check_images
 from ._maps import distances_to_maps, image_scores
+from ._memory import check_statistics_memory
 from ._persistence import VersionedStateMixin
 
 # The parameters PadimDetector hands to its PatchFeatureExtractor.
@@ -27,6 +30,7 @@ _EXTRACTOR_PARAMS = (
     "crop_size",
     "batch_size",
     "device",
+    "precision",
     "random_state",
     "verbose",
 )
@@ -86,6 +90,16 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         Images per forward pass.
     device : str, default="auto"
         Torch device; "auto" picks CUDA when available.
+    precision : {"float32", "float16", "bfloat16"}, default="float32"
+        Precision of the backbone's forward pass (``torch.autocast``); the
+        statistics and the scoring always run in float64 / float32.
+    n_jobs : int or None, default=None
+        Parallel jobs for fitting and scoring: the images are cut into
+        contiguous chunks, each job runs the backbone on its chunk, and the
+        partial statistics are merged exactly. None means 1 unless in a
+        ``joblib.parallel_config`` context; -1 uses all processors. Under
+        ``joblib.parallel_config(backend="dask")`` the jobs run on a Dask
+        cluster.
     verbose : int, default=0
         Show progress bars when > 0.
 
@@ -129,6 +143,7 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         "epsilon": [Interval(numbers.Real, 0, None, closed="neither")],
         "sigma": [Interval(numbers.Real, 0, None, closed="left")],
         "contamination": [Interval(numbers.Real, 0, 0.5, closed="right")],
+        "n_jobs": [numbers.Integral, None],
     }
 
     def __init__(
@@ -147,6 +162,8 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         contamination=0.01,
         batch_size=32,
         device="auto",
+        precision="float32",
+        n_jobs=None,
         verbose=0,
     ):
         self.backbone = backbone
@@ -162,14 +179,25 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         self.contamination = contamination
         self.batch_size = batch_size
         self.device = device
+        self.precision = precision
+        self.n_jobs = n_jobs
         self.verbose = verbose
 
     # ------------------------------------------------------------------ fit
-    def _new_extractor(self):
-        """An unfitted extractor with our parameters, validated without data."""
+    def _new_extractor(self, images):
+        """An unfitted extractor with our parameters, validated without data.
+
+        Also checks that the statistics will fit in memory, so an impossible
+        fit fails before any network is built.
+        """
         params = {name: getattr(self, name) for name in _EXTRACTOR_PARAMS}
         extractor = PatchFeatureExtractor(**params)
-        extractor.check_config()
+        spec, layers, n_features, preprocessing, device = extractor.check_config()
+        (first_shape,) = images.image_shapes(limit=1)
+        stride = min(spec.taps[layer].stride for layer in layers)
+        check_statistics_memory(
+            preprocessing.frame_shape(first_shape), stride, n_features, device
+        )
         return extractor
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -194,19 +222,12 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
     def _fit(self, X):
         """Fit from scratch and return the training scores."""
         images = check_images(X, min_samples=2)
-        extractor = self._new_extractor()
+        extractor = self._new_extractor(images)
         extractor._fit(images)
-        moments, frame_shape, feature_shape = None, None, None
-        for batch, embeddings in extractor.embed_batches(images, desc="fit"):
-            frame_shape = self._check_frame(batch, frame_shape)
-            x = positions_first(embeddings)
-            if moments is None:
-                moments = PatchMoments.empty(*x.shape[::2], device=x.device)
-                feature_shape = tuple(embeddings.shape[1:])
-            moments.update(x)
+        moments, frame_shape, feature_shape = self._statistics(extractor, images)
         gaussian = PatchGaussian(epsilon=self.epsilon, contamination=self.contamination)
         gaussian.set_moments(moments, feature_shape)
-        scores = -self._image_scores(extractor, gaussian, images, frame_shape)
+        scores = -self._image_scores(images, extractor, gaussian, frame_shape)
 
         self.feature_extractor_ = extractor
         self.gaussian_ = gaussian
@@ -239,30 +260,23 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         first = not hasattr(self, "gaussian_")
         images = check_images(X, min_samples=2 if first else 1)
         if first:
-            extractor = self._new_extractor()
+            extractor = self._new_extractor(images)
             extractor._fit(images)
-            moments, frame_shape = None, None
+            moments, frame_shape, feature_shape = self._statistics(extractor, images)
         else:
-            extractor, frame_shape = self.feature_extractor_, self.frame_shape_
-            moments = self.gaussian_.moments_
-            if moments is None:
+            if self.gaussian_.moments_ is None:
                 raise ValueError(
                     "This PadimDetector was loaded from a file without its "
                     "streaming statistics and cannot continue partial_fit; fit a "
                     "new detector."
                 )
-            moments = moments.copy()  # the fitted model stays intact on failure
-        feature_shape = None
-        for batch, embeddings in extractor.embed_batches(images, desc="partial_fit"):
-            frame_shape = self._check_frame(batch, frame_shape)
-            x = positions_first(embeddings)
-            if moments is None:
-                moments = PatchMoments.empty(*x.shape[::2], device=x.device)
-            moments.update(x)
-            feature_shape = tuple(embeddings.shape[1:])
+            extractor, frame_shape = self.feature_extractor_, self.frame_shape_
+            feature_shape = self.gaussian_.feature_shape_
+            new, _, _ = self._statistics(extractor, images, frame_shape)
+            moments = self.gaussian_.moments_.merge(new)  # a new object
         gaussian = PatchGaussian(epsilon=self.epsilon, contamination=self.contamination)
         gaussian.set_moments(moments, feature_shape)
-        scores = -self._image_scores(extractor, gaussian, images, frame_shape)
+        scores = -self._image_scores(images, extractor, gaussian, frame_shape)
         previous = getattr(self, "train_scores_", np.empty(0))
 
         self.feature_extractor_ = extractor
@@ -276,35 +290,49 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         self.train_scores_ = train_scores
         self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
 
-    @staticmethod
-    def _check_frame(batch, frame_shape):
-        shape = tuple(batch.shape[-2:])
-        if frame_shape is not None and shape != tuple(frame_shape):
+    def _statistics(self, extractor, images, frame_shape=None):
+        """Moments of all images: one streaming pass, or a map-reduce over jobs."""
+        parts = self._map_chunks(
+            _chunk_moments, images, extractor, frame_shape=frame_shape
+        )
+        frame_shapes = {part[1] for part in parts}
+        if len(frame_shapes) > 1:
             raise ValueError(
-                f"Preprocessed images have size {shape} but the detector works on "
-                f"{tuple(frame_shape)}. With image_size=None all images must have "
-                "the training size; set image_size to resize them."
+                "Preprocessed images differ in size across chunks "
+                f"({sorted(frame_shapes)}); with image_size=None all images must "
+                "have the same size."
             )
-        return shape
+        moments = _merge_pairwise([part[0] for part in parts])
+        return moments, parts[0][1], parts[0][2]
+
+    def _map_chunks(self, job, images, *args, **kwargs):
+        """Run ``job(images_chunk, *args, **kwargs)`` over contiguous chunks.
+
+        With ``n_jobs`` 1 the job runs once, here, on all images; otherwise the
+        chunks go through ``joblib.Parallel``, so that a
+        ``joblib.parallel_config(backend="dask")`` context sends them to a Dask
+        cluster. Results come back in input order.
+        """
+        n_jobs = effective_n_jobs(self.n_jobs)
+        if n_jobs == 1 or len(images) < 2:
+            return [job(images, *args, **kwargs)]
+        chunks = np.array_split(np.arange(len(images)), min(n_jobs, len(images)))
+        # Share the cores between the jobs instead of oversubscribing them.
+        threads = max(1, torch.get_num_threads() // n_jobs)
+        return Parallel(n_jobs=self.n_jobs)(
+            delayed(job)(images.subset(chunk), *args, n_threads=threads, **kwargs)
+            for chunk in chunks
+        )
 
     # -------------------------------------------------------------- scoring
-    def _iter_maps(self, images, extractor=None, gaussian=None, frame_shape=None):
-        """Yield model-frame anomaly maps (B, H, W) on the device, in order."""
+    def _image_scores(self, images, extractor=None, gaussian=None, frame_shape=None):
         if extractor is None:
             extractor, gaussian = self.feature_extractor_, self.gaussian_
             frame_shape = self.frame_shape_
-        for batch, embeddings in extractor.embed_batches(images, desc="score"):
-            self._check_frame(batch, frame_shape)
-            with torch.inference_mode():
-                distances = gaussian.distances(embeddings)
-                yield distances_to_maps(distances, frame_shape, self.sigma)
-
-    def _image_scores(self, extractor, gaussian, images, frame_shape):
-        scores = [
-            image_scores(maps).cpu().numpy()
-            for maps in self._iter_maps(images, extractor, gaussian, frame_shape)
-        ]
-        return np.concatenate(scores).astype(np.float64)
+        parts = self._map_chunks(
+            _chunk_scores, images, extractor, gaussian, frame_shape, self.sigma
+        )
+        return np.concatenate(parts).astype(np.float64)
 
     def score_samples(self, X):
         """Opposite of the image anomaly score (the maximum of its map).
@@ -321,7 +349,7 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         """
         check_is_fitted(self)
         images = check_images(X)
-        return -self._image_scores(None, None, images, None)
+        return -self._image_scores(images)
 
     def decision_function(self, X):
         """``score_samples(X) - offset_``: negative for anomalous images.
@@ -398,7 +426,14 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
                 f"resolution must be 'input' or 'model'; got {resolution!r}."
             )
         images = check_images(X)
-        maps = [m.cpu().numpy() for m in self._iter_maps(images)]
+        maps = self._map_chunks(
+            _chunk_maps,
+            images,
+            self.feature_extractor_,
+            self.gaussian_,
+            self.frame_shape_,
+            self.sigma,
+        )
         maps = np.concatenate(maps)
         if resolution == "model":
             return maps
@@ -406,9 +441,7 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
 
     def _to_input_frames(self, images, maps):
         preprocessing = self.feature_extractor_.preprocessing_
-        shapes = images.shapes
-        if shapes is None:  # paths: read the sizes from the file headers only
-            shapes = _file_shapes(images)
+        shapes = images.image_shapes()
         out = [
             preprocessing.to_input_frame(torch.from_numpy(m[None]), shape)[0].numpy()
             for m, shape in zip(maps, shapes)
@@ -424,11 +457,76 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         return tags
 
 
-def _file_shapes(images):
-    from PIL import Image
+def _check_frame(batch, frame_shape):
+    shape = tuple(batch.shape[-2:])
+    if frame_shape is not None and shape != tuple(frame_shape):
+        raise ValueError(
+            f"Preprocessed images have size {shape} but the detector works on "
+            f"{tuple(frame_shape)}. With image_size=None all images must have "
+            "the training size; set image_size to resize them."
+        )
+    return shape
 
-    shapes = []
-    for path in images._items:
-        with Image.open(path) as image:
-            shapes.append((image.height, image.width))
-    return shapes
+
+def _merge_pairwise(parts):
+    """Merge partial moments as a balanced tree (fewer, evener merges)."""
+    while len(parts) > 1:
+        merged = [a.merge(b) for a, b in zip(parts[::2], parts[1::2])]
+        parts = merged + ([parts[-1]] if len(parts) % 2 else [])
+    return parts[0]
+
+
+@contextmanager
+def _torch_threads(n_threads):
+    if n_threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# The jobs below are module-level functions so that joblib (and Dask) can
+# ship them to worker processes by reference.
+
+
+def _chunk_moments(images, extractor, *, frame_shape=None, n_threads=None):
+    """Stream images into moments; return (moments, frame_shape, feature_shape)."""
+    moments, feature_shape = None, None
+    with _torch_threads(n_threads):
+        for batch, embeddings in extractor.embed_batches(images, desc="fit"):
+            frame_shape = _check_frame(batch, frame_shape)
+            x = positions_first(embeddings)
+            if moments is None:
+                moments = PatchMoments.empty(x.shape[0], x.shape[2], device=x.device)
+                feature_shape = tuple(embeddings.shape[1:])
+            moments.update(x)
+    if n_threads is not None:  # in a worker: hand back plain CPU tensors
+        moments = moments.to("cpu")
+    return moments, frame_shape, feature_shape
+
+
+def _iter_maps(images, extractor, gaussian, frame_shape, sigma):
+    """Yield model-frame anomaly maps (B, H, W) on the device, in order."""
+    for batch, embeddings in extractor.embed_batches(images, desc="score"):
+        _check_frame(batch, frame_shape)
+        with torch.inference_mode():
+            distances = gaussian.distances(embeddings)
+            yield distances_to_maps(distances, frame_shape, sigma)
+
+
+def _chunk_scores(images, extractor, gaussian, frame_shape, sigma, n_threads=None):
+    """Image anomaly scores (maxima of the maps) of a chunk of images."""
+    with _torch_threads(n_threads):
+        maps = _iter_maps(images, extractor, gaussian, frame_shape, sigma)
+        return np.concatenate([image_scores(m).cpu().numpy() for m in maps])
+
+
+def _chunk_maps(images, extractor, gaussian, frame_shape, sigma, n_threads=None):
+    """Model-frame anomaly maps of a chunk of images, as one numpy array."""
+    with _torch_threads(n_threads):
+        maps = _iter_maps(images, extractor, gaussian, frame_shape, sigma)
+        return np.concatenate([m.cpu().numpy() for m in maps])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import warnings
@@ -95,6 +96,9 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         Images per forward pass.
     device : str, default="auto"
         Torch device; "auto" picks CUDA when available.
+    precision : {"float32", "float16", "bfloat16"}, default="float32"
+        Precision of the backbone's forward pass, through ``torch.autocast``;
+        the embeddings are returned in float32.
     random_state : int, RandomState instance or None, default=None
         Seeds the random channel selection.
     verbose : int, default=0
@@ -148,6 +152,7 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         ],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "device": [str, torch.device],
+        "precision": [StrOptions({"float32", "float16", "bfloat16"})],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
     }
@@ -164,6 +169,7 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         crop_size=None,
         batch_size=32,
         device="auto",
+        precision="float32",
         random_state=None,
         verbose=0,
     ):
@@ -176,6 +182,7 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         self.crop_size = crop_size
         self.batch_size = batch_size
         self.device = device
+        self.precision = precision
         self.random_state = random_state
         self.verbose = verbose
 
@@ -246,7 +253,7 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
             channel_indices = np.sort(chosen)
         # Numpy views of the weights (no copy): the fitted state to pickle.
         state = {k: v.detach().cpu().numpy() for k, v in network.state_dict().items()}
-        runtime = _Runtime(network.to(device), preprocessing, device, offsets)
+        runtime = _Runtime(network, preprocessing, device, offsets, self.precision)
         if self.reduction == "pca":
             components, pca_mean = self._fit_pca(images, runtime, n_features)
         runtime.set_reduction(channel_indices, components, pca_mean)
@@ -353,7 +360,7 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
             offsets = np.cumsum(
                 [0] + [spec.taps[layer].channels for layer in self.layers_]
             )
-            runtime = _Runtime(network, preprocessing, device, offsets)
+            runtime = _Runtime(network, preprocessing, device, offsets, self.precision)
             runtime.set_reduction(
                 self.channel_indices_, self.components_, self.pca_mean_
             )
@@ -389,8 +396,13 @@ class _Runtime:
     Kept out of pickles and rebuilt from the fitted numpy arrays on demand.
     """
 
-    def __init__(self, network, preprocessing, device, layer_offsets):
+    def __init__(self, network, preprocessing, device, layer_offsets, precision):
+        network = network.to(device)
+        if device.type == "cuda":
+            # cuDNN's convolutions are fastest on NHWC tensors.
+            network = network.to(memory_format=torch.channels_last)
         self.network = network
+        self.precision = precision
         self.preprocessing = preprocessing
         self.device = device
         self.layer_offsets = layer_offsets
@@ -406,8 +418,17 @@ class _Runtime:
         self.components = components
 
     def forward(self, batch):
-        with torch.inference_mode():
-            return self.network(batch)
+        """Tap outputs of the network, in float32 whatever the precision."""
+        if self.device.type == "cuda":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self._autocast():
+            taps = self.network(batch)
+        return [tap.float() for tap in taps]
+
+    def _autocast(self):
+        if self.precision == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.precision))
 
     def reduce(self, taps):
         """Tap outputs -> (B, n_features, h, w) on the finest tap's grid.

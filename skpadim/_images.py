@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 _PATH_TYPES = (str, os.PathLike)
+# Threads decoding image files; decoding is I/O and C code, so a few suffice.
+_LOADER_THREADS = min(4, os.cpu_count() or 1)
 
 
 class ImageSet:
@@ -46,32 +50,70 @@ class ImageSet:
     def __len__(self):
         return len(self._items)
 
+    def image_shapes(self, limit=None):
+        """(height, width) of the first ``limit`` images (all when None).
+
+        For files only the headers are read, not the pixels.
+        """
+        if self.shapes is not None:
+            return self.shapes[:limit]
+        return [read_image_shape(path) for path in self._items[:limit]]
+
     def subset(self, indices):
         """The images at ``indices``, as a new ImageSet."""
-        items = [self._items[i] for i in indices]
         if self.kind == "array":
             items = self._items[np.asarray(indices)]
+        else:
+            items = [self._items[i] for i in indices]
         shapes = None if self.shapes is None else [self.shapes[i] for i in indices]
         return ImageSet(items, self.kind, shapes)
 
-    def batches(self, batch_size):
-        """Yield lists of (H, W, 3) float32 RGB arrays in [0, 1], in order."""
-        for start in range(0, len(self), batch_size):
-            chunk = self._items[start : start + batch_size]
-            yield [_to_rgb_float(self._load(item)) for item in chunk]
+    def batches(self, batch_size, *, prefetch=2):
+        """Yield lists of (H, W, 3) float32 RGB arrays in [0, 1], in order.
+
+        Files are decoded by a small thread pool up to ``prefetch`` batches
+        ahead, so reading and decoding overlap the network's work (PIL
+        releases the GIL while decoding).
+        """
+        starts = range(0, len(self), batch_size)
+        chunks = (self._items[start : start + batch_size] for start in starts)
+        if self.kind != "paths" or prefetch == 0:
+            for chunk in chunks:
+                yield [self._load(item) for item in chunk]
+            return
+        with ThreadPoolExecutor(max_workers=_LOADER_THREADS) as pool:
+            pending = deque()
+            for chunk in chunks:
+                pending.append([pool.submit(self._load, item) for item in chunk])
+                if len(pending) > prefetch:
+                    yield [future.result() for future in pending.popleft()]
+            while pending:
+                yield [future.result() for future in pending.popleft()]
 
     def _load(self, item):
         if self.kind == "paths":
-            return _read_image_file(item)
-        if self.kind == "pil":
-            return np.asarray(item.convert("RGB"))
-        return item
+            item = _read_image_file(item)
+        elif self.kind == "pil":
+            item = np.asarray(item.convert("RGB"))
+        return _to_rgb_float(item)
 
 
 def _read_image_file(path):
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"Could not read image file {os.fspath(path)!r}: expected an image "
+            f"that PIL can open ({exc})."
+        ) from exc
+
+
+def read_image_shape(path):
+    """(height, width) of an image file, from its header only."""
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
     except (OSError, ValueError) as exc:
         raise ValueError(
             f"Could not read image file {os.fspath(path)!r}: expected an image "
