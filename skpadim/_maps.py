@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +59,44 @@ def gaussian_blur(maps, sigma, truncate=4.0):
     return x.squeeze(1)
 
 
+def blur_matrix(size, sigma, truncate=4.0):
+    """The (size, size) matrix of 1-D Gaussian smoothing with scipy's "reflect"
+    boundary: ``blur_matrix(n, s) @ v`` equals ``gaussian_filter1d(v, s)``."""
+    if sigma == 0:
+        return torch.eye(size, dtype=torch.float64)
+    kernel = gaussian_kernel(sigma, truncate, dtype=torch.float64)
+    radius = (len(kernel) - 1) // 2
+    sources = _symmetric_indices(size, radius, "cpu")
+    rows = torch.arange(size)
+    matrix = torch.zeros(size, size, dtype=torch.float64)
+    for tap, weight in enumerate(kernel):
+        # Reflected taps can land on the same pixel: accumulate, don't overwrite.
+        matrix.index_put_(
+            (rows, sources[rows + tap]), weight.expand(size), accumulate=True
+        )
+    return matrix
+
+
+def upsampling_matrix(size_in, size_out):
+    """The (size_out, size_in) matrix of 1-D linear interpolation with
+    half-pixel centres, as ``F.interpolate(..., align_corners=False)``."""
+    eye = torch.eye(size_in, dtype=torch.float64).unsqueeze(0)
+    return F.interpolate(eye, size=size_out, mode="linear", align_corners=False)[0].T
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_operator(size_in, size_out, sigma, device, dtype):
+    operator = blur_matrix(size_out, sigma) @ upsampling_matrix(size_in, size_out)
+    return operator.to(device=device, dtype=dtype)
+
+
 def distances_to_maps(distances, frame_shape, sigma):
     """Upsample patch distances to the image frame and smooth them.
+
+    Bilinear upsampling and Gaussian smoothing are both linear and separable,
+    so each axis is done by one precomputed (out, in) matrix, ``A_y D A_x^T``:
+    exactly the same numbers as upsampling then blurring, at a small fraction
+    of the cost of a 33-tap convolution over the full-size map.
 
     Parameters
     ----------
@@ -69,32 +105,20 @@ def distances_to_maps(distances, frame_shape, sigma):
     frame_shape : (int, int)
         (H, W) of the preprocessed image the backbone saw.
     sigma : float
-        Gaussian smoothing in frame pixels (PaDiM: 4).
+        Gaussian smoothing in frame pixels (PaDiM: 4), truncated at 4 sigma,
+        with scipy's default "reflect" boundary.
 
     Returns
     -------
     tensor of shape (B, H, W)
-        Bilinear upsampling (half-pixel centres), then Gaussian smoothing.
     """
-    maps = F.interpolate(
-        distances.unsqueeze(1),
-        size=tuple(frame_shape),
-        mode="bilinear",
-        align_corners=False,
-    ).squeeze(1)
-    return gaussian_blur(maps, sigma)
+    (h, w), (height, width) = distances.shape[-2:], frame_shape
+    key = (float(sigma), distances.device, distances.dtype)
+    rows = _axis_operator(h, height, *key)
+    cols = _axis_operator(w, width, *key)
+    return rows @ distances @ cols.T
 
 
 def image_scores(maps):
     """Image anomaly score: the maximum of each map (B, H, W) -> (B,)."""
     return maps.flatten(1).amax(dim=1)
-
-
-def check_sigma(sigma):
-    """Raise ValueError unless ``sigma`` is a finite float >= 0."""
-    if (
-        isinstance(sigma, bool)
-        or not isinstance(sigma, (int, float))
-        or not (math.isfinite(sigma) and sigma >= 0)
-    ):
-        raise ValueError(f"sigma must be a finite number >= 0; got {sigma!r}.")

@@ -30,3 +30,17 @@ def test_sigma_zero_is_identity_and_maps_have_frame_size():
 def test_image_score_is_map_maximum():
     maps = torch.rand(4, 10, 10)
     np.testing.assert_array_equal(image_scores(maps), maps.flatten(1).max(1).values)
+
+
+@pytest.mark.parametrize(
+    "sizes", [((14, 9), (56, 36)), ((16, 16), (64, 64)), ((3, 2), (5, 7))]
+)
+@pytest.mark.parametrize("sigma", [4.0, 0.0])
+def test_matrix_maps_equal_upsampling_then_blurring(sizes, sigma):
+    (h, w), frame = sizes
+    d = torch.rand(3, h, w, dtype=torch.float64)
+    up = torch.nn.functional.interpolate(
+        d[:, None], size=frame, mode="bilinear", align_corners=False
+    )[:, 0]
+    expected = np.stack([ndimage.gaussian_filter(m, sigma) for m in up.numpy()])
+    np.testing.assert_allclose(distances_to_maps(d, frame, sigma), expected, atol=1e-12)
