@@ -197,12 +197,10 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         spec = get_backbone_spec(self.backbone)
         layers = spec.check_layers(self.layers)
         n_channels = spec.n_channels(layers)
-        n_features = (
-            spec.default_n_features if self.n_features is None else self.n_features
-        )
-        n_features = (
-            min(n_features, n_channels) if self.n_features is None else n_features
-        )
+        if self.n_features is None:  # the backbone's default, capped by fewer layers
+            n_features = min(spec.default_n_features, n_channels)
+        else:
+            n_features = self.n_features
         if not 1 <= n_features <= n_channels:
             raise ValueError(
                 f"n_features must be between 1 and {n_channels}, the number of "
