@@ -36,6 +36,10 @@ _EXTRACTOR_PARAMS = (
 )
 
 
+# Parameters that change how a fitted model runs, not what it learned.
+_RUNTIME_PARAMS = ("device", "batch_size", "precision", "verbose")
+
+
 class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
     """PaDiM: patch distribution modelling for anomaly detection and localization.
 
@@ -449,6 +453,30 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         if len({o.shape for o in out}) == 1:
             return np.stack(out)
         return out
+
+    def set_params(self, **params):
+        """Set parameters; run-time ones also reach the fitted extractor.
+
+        ``device``, ``batch_size``, ``precision`` and ``verbose`` change how a
+        fitted model runs, not what it learned, so they apply at once (e.g.
+        ``set_params(device="cpu")`` on a model fitted on a GPU). Any other
+        change takes effect at the next ``fit``.
+
+        Parameters
+        ----------
+        **params : dict
+            Estimator parameters.
+
+        Returns
+        -------
+        self : PadimDetector
+            This estimator.
+        """
+        super().set_params(**params)
+        runtime = {k: v for k, v in params.items() if k in _RUNTIME_PARAMS}
+        if runtime and hasattr(self, "feature_extractor_"):
+            self.feature_extractor_.set_params(**runtime)
+        return self
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

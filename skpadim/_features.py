@@ -107,14 +107,17 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
     Attributes
     ----------
     layers_ : tuple of str
+        The tapped layers, in network order.
     n_features_ : int
+        Embedding dimensions kept.
     n_channels_ : int
         Width of the full concatenated embedding (e.g. 448 for resnet18).
-    channel_indices_ : ndarray of shape (n_features_,) or None
+    channel_indices_ : ndarray of shape (n_features,) or None
         Kept channels of the concatenation ("random" reduction).
-    components_ : ndarray of shape (n_features_, n_channels_) or None
+    components_ : ndarray of shape (n_features, n_channels) or None
         PCA directions ("pca" reduction).
-    pca_mean_ : ndarray of shape (n_channels_,) or None
+    pca_mean_ : ndarray of shape (n_channels,) or None
+        Mean of the full-width embeddings ("pca" reduction).
     backbone_state_ : dict of str to ndarray
         Weights of the truncated backbone, so a fitted extractor is
         self-contained.
@@ -192,7 +195,16 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
 
         Returns
         -------
-        spec, layers, n_features, preprocessing, device
+        spec : BackboneSpec
+            The backbone's registry entry.
+        layers : tuple of str
+            The taps, in network order.
+        n_features : int
+            The number of embedding dimensions to keep.
+        preprocessing : Preprocessing
+            Resize, crop and normalisation of the images.
+        device : torch.device
+            The device to run on.
         """
         spec = get_backbone_spec(self.backbone)
         layers = spec.check_layers(self.layers)
@@ -226,10 +238,12 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         X : array of shape (n, H, W[, C]) or list of arrays, paths or PIL images
             Training images (used by the "pca" reduction only, but validated).
         y : Ignored
+            Not used, present for API consistency.
 
         Returns
         -------
         self : PatchFeatureExtractor
+            The fitted extractor.
         """
         images = check_images(X)
         self._fit(images)
@@ -289,10 +303,12 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         Parameters
         ----------
         X : array of shape (n, H, W[, C]) or list of arrays, paths or PIL images
+            Images, as for :meth:`fit`.
 
         Returns
         -------
-        embeddings : ndarray of shape (n, n_features_, h, w), float32
+        embeddings : ndarray of shape (n, n_features, h, w), float32
+            Patch embeddings on the grid of the finest tap.
         """
         check_is_fitted(self)
         images = check_images(X)
@@ -312,7 +328,9 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         Yields
         ------
         batch : tensor of shape (B, 3, H, W)
-        embeddings : tensor of shape (B, n_features_, h, w)
+            The preprocessed images.
+        embeddings : tensor of shape (B, n_features, h, w)
+            Their patch embeddings.
         """
         runtime = self._get_runtime()
         for batch in self._batches(images, runtime, desc=desc):

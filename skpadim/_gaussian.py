@@ -32,6 +32,7 @@ class PatchMoments:
     count : int
         Number of samples seen.
     mean : tensor of shape (n_positions, n_features), float64
+        Per-position means.
     scatter : tensor of shape (n_positions, n_features, n_features), float64
         Sum over samples of the centred outer products (x - mean)(x - mean)^T.
     """
@@ -43,7 +44,22 @@ class PatchMoments:
 
     @classmethod
     def empty(cls, n_positions, n_features, device="cpu"):
-        """Moments of no samples, ready for :meth:`update`."""
+        """Moments of no samples, ready for :meth:`update`.
+
+        Parameters
+        ----------
+        n_positions : int
+            Number of positions (1 for a plain table of samples).
+        n_features : int
+            Dimension of each sample.
+        device : str or torch.device, default="cpu"
+            Where the statistics live.
+
+        Returns
+        -------
+        moments : PatchMoments
+            Zero count, mean and scatter.
+        """
         mean = torch.zeros(n_positions, n_features, dtype=torch.float64, device=device)
         scatter = torch.zeros(
             n_positions, n_features, n_features, dtype=torch.float64, device=device
@@ -52,7 +68,18 @@ class PatchMoments:
 
     @classmethod
     def from_batch(cls, x):
-        """Moments of one batch ``x`` of shape (n_positions, n_samples, n_features)."""
+        """Moments of one batch of samples.
+
+        Parameters
+        ----------
+        x : tensor of shape (n_positions, n_samples, n_features)
+            The samples, positions first.
+
+        Returns
+        -------
+        moments : PatchMoments
+            Their count, means and centred scatters, in float64.
+        """
         return cls.empty(x.shape[0], x.shape[2], device=x.device).update(x)
 
     @property
@@ -61,12 +88,22 @@ class PatchMoments:
         return tuple(self.mean.shape)
 
     def update(self, x):
-        """Add a batch (n_positions, n_samples, n_features) in place; return self.
+        """Add a batch of samples in place.
 
         The batch is centred on its own mean in float64, then merged with
         Chan's update. Both outer-product sums are accumulated into the
         running scatter by in-place batched matmuls, so no extra
         (n_positions, n_features, n_features) array is ever allocated.
+
+        Parameters
+        ----------
+        x : tensor of shape (n_positions, n_samples, n_features)
+            The new samples, positions first.
+
+        Returns
+        -------
+        self : PatchMoments
+            The updated moments.
         """
         x = x.to(torch.float64)
         n_new = x.shape[1]
@@ -83,7 +120,23 @@ class PatchMoments:
         return self
 
     def merge(self, other):
-        """Return the moments of the union of two disjoint sample sets (Chan)."""
+        """Return the moments of the union of two disjoint sample sets (Chan).
+
+        Parameters
+        ----------
+        other : PatchMoments
+            Moments of other samples, of the same ``shape``.
+
+        Returns
+        -------
+        moments : PatchMoments
+            New moments of both sets; neither input is modified.
+
+        Raises
+        ------
+        ValueError
+            If the shapes differ.
+        """
         if self.shape != other.shape:
             raise ValueError(
                 "Cannot merge moments of different shapes (n_positions, "
@@ -105,7 +158,25 @@ class PatchMoments:
         return PatchMoments(total, mean, scatter)
 
     def covariance(self, epsilon, positions=slice(None)):
-        """Unbiased covariance plus ``epsilon`` on the diagonal, float64."""
+        """Unbiased covariance plus ``epsilon`` on the diagonal, float64.
+
+        Parameters
+        ----------
+        epsilon : float
+            Added to the diagonal.
+        positions : slice or index, default=slice(None)
+            The positions wanted; all by default.
+
+        Returns
+        -------
+        covariance : tensor of shape (n_selected, n_features, n_features)
+            ``scatter / (count - 1) + epsilon * I`` at each selected position.
+
+        Raises
+        ------
+        ValueError
+            If fewer than two samples were seen.
+        """
         if self.count < 2:
             raise ValueError(
                 f"At least 2 samples are needed to estimate a covariance; got "
@@ -116,11 +187,28 @@ class PatchMoments:
         return covariance
 
     def copy(self):
-        """An independent copy."""
+        """Return an independent copy.
+
+        Returns
+        -------
+        moments : PatchMoments
+            A copy whose tensors share no memory with these.
+        """
         return PatchMoments(self.count, self.mean.clone(), self.scatter.clone())
 
     def to(self, device):
-        """The same moments on another torch device."""
+        """Return the same moments on another torch device.
+
+        Parameters
+        ----------
+        device : str or torch.device
+            The target device.
+
+        Returns
+        -------
+        moments : PatchMoments
+            The moments on ``device``.
+        """
         return PatchMoments(self.count, self.mean.to(device), self.scatter.to(device))
 
 
@@ -269,11 +357,15 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features) or (n_samples, n_features, h, w)
+            Training samples, e.g. patch embeddings from
+            :class:`PatchFeatureExtractor`.
         y : Ignored
+            Not used, present for API consistency.
 
         Returns
         -------
         self : PatchGaussian
+            The fitted estimator.
         """
         X = self._validate_embeddings(X, reset=True)
         self._check_ndim(X)
@@ -289,11 +381,15 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of the shape of the first fitted batch
+            More training samples; only their number may differ from the
+            previous batches.
         y : Ignored
+            Not used, present for API consistency.
 
         Returns
         -------
         self : PatchGaussian
+            The updated estimator.
         """
         first = not hasattr(self, "moments_")
         if not first and self.moments_ is None:
@@ -328,12 +424,14 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
         Parameters
         ----------
         moments : PatchMoments
+            Streaming statistics, e.g. merged from several partial fits.
         feature_shape : tuple of int
             (n_features,) or (n_features, height, width) of one sample.
 
         Returns
         -------
         self : PatchGaussian
+            The estimator, ready to compute distances.
         """
         whitening = whitening_factors(moments, self.epsilon)
         self.moments_ = moments
@@ -346,15 +444,17 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
         return self
 
     def distances(self, embeddings):
-        """Mahalanobis distances of a torch batch, on its own device.
+        """Compute the Mahalanobis distances of a torch batch, on its device.
 
         Parameters
         ----------
         embeddings : tensor of shape (n, n_features, h, w) or (n, n_features)
+            Samples of the fitted shape.
 
         Returns
         -------
         tensor of shape (n, h, w) or (n,), float32
+            The distance of each sample at each position.
         """
         mean, whitening = self._params_on(embeddings.device)
         dist = mahalanobis(
@@ -377,15 +477,17 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
         return float(np.percentile(scores, 100.0 * self.contamination))
 
     def mahalanobis(self, X):
-        """Mahalanobis distance of each sample at each position.
+        """Compute the Mahalanobis distance of each sample at each position.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features) or (n_samples, n_features, h, w)
+            Samples of the fitted shape.
 
         Returns
         -------
         distances : ndarray of shape (n_samples,) or (n_samples, h, w), float32
+            The distance to the Gaussian of each position.
         """
         check_is_fitted(self)
         X = self._validate_embeddings(X, reset=False)
@@ -401,6 +503,7 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features) or (n_samples, n_features, h, w)
+            Samples of the fitted shape.
 
         Returns
         -------
@@ -416,10 +519,12 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features) or (n_samples, n_features, h, w)
+            Samples of the fitted shape.
 
         Returns
         -------
         decision : ndarray of shape (n_samples,)
+            Negative for the samples that :meth:`predict` labels -1.
         """
         return self.score_samples(X) - self.offset_
 
@@ -429,10 +534,12 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features) or (n_samples, n_features, h, w)
+            Samples of the fitted shape.
 
         Returns
         -------
         labels : ndarray of shape (n_samples,)
+            1 where ``decision_function(X) >= 0``, else -1.
         """
         return np.where(self.decision_function(X) >= 0, 1, -1)
 

@@ -20,7 +20,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Tap:
-    """An intermediate feature map of a backbone: its channel count and stride."""
+    """An intermediate feature map of a backbone: its channel count and stride.
+
+    Parameters
+    ----------
+    channels : int
+        Number of channels of the feature map.
+    stride : int
+        Downsampling factor of the feature map relative to the input image.
+    """
 
     channels: int
     stride: int
@@ -51,6 +59,9 @@ class BackboneSpec:
         offline when they cannot be had.
     mean, std : tuple of float
         Input normalisation the pretrained weights expect (RGB in [0, 1]).
+    description : str, default=""
+        A line about the network and the source of its weights, for people
+        browsing the registry; ignored when comparing specs.
     """
 
     name: str
@@ -64,7 +75,23 @@ class BackboneSpec:
     description: str = field(default="", compare=False)
 
     def check_layers(self, layers):
-        """Return ``layers`` as a tuple in network order, or raise ValueError."""
+        """Return ``layers`` as a tuple in network order, or raise ValueError.
+
+        Parameters
+        ----------
+        layers : str, sequence of str or None
+            Tap names; None means ``default_layers``.
+
+        Returns
+        -------
+        layers : tuple of str
+            The taps, in network order.
+
+        Raises
+        ------
+        ValueError
+            If ``layers`` is empty, repeats a tap or names an unknown one.
+        """
         if layers is None:
             return self.default_layers
         if isinstance(layers, str):
@@ -82,7 +109,18 @@ class BackboneSpec:
         return tuple(sorted(layers, key=order.index))
 
     def n_channels(self, layers):
-        """Total embedding dimension of the concatenated taps."""
+        """Total embedding dimension of the concatenated taps.
+
+        Parameters
+        ----------
+        layers : str, sequence of str or None
+            Tap names; None means ``default_layers``.
+
+        Returns
+        -------
+        n_channels : int
+            The sum of the taps' channels.
+        """
         return sum(self.taps[layer].channels for layer in self.check_layers(layers))
 
 
@@ -90,7 +128,23 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 
 
 def register_backbone(spec):
-    """Add a backbone to the registry (overwriting an entry of the same name)."""
+    """Add a backbone to the registry (overwriting an entry of the same name).
+
+    Parameters
+    ----------
+    spec : BackboneSpec
+        The backbone; ``spec.name`` becomes a valid ``backbone`` parameter.
+
+    Returns
+    -------
+    spec : BackboneSpec
+        The registered spec, unchanged.
+
+    Raises
+    ------
+    TypeError
+        If ``spec`` is not a :class:`BackboneSpec`.
+    """
     if not isinstance(spec, BackboneSpec):
         raise TypeError(f"spec must be a BackboneSpec; got {type(spec).__name__}.")
     _REGISTRY[spec.name] = spec
@@ -98,12 +152,36 @@ def register_backbone(spec):
 
 
 def available_backbones():
-    """Names of the registered backbones, sorted."""
+    """Return the names of the registered backbones, sorted.
+
+    Returns
+    -------
+    names : list of str
+        The values accepted by the ``backbone`` parameter.
+    """
     return sorted(_REGISTRY)
 
 
 def get_backbone_spec(name):
-    """Look up a backbone by name, with a helpful error for unknown names."""
+    """Look up a backbone by name, with a helpful error for unknown names.
+
+    Parameters
+    ----------
+    name : str
+        A registered name, see :func:`available_backbones`.
+
+    Returns
+    -------
+    spec : BackboneSpec
+        The registry entry.
+
+    Raises
+    ------
+    TypeError
+        If ``name`` is not a str.
+    ValueError
+        If no backbone of that name is registered; the message lists them.
+    """
     if not isinstance(name, str):
         raise TypeError(f"backbone must be a str; got {type(name).__name__}.")
     try:
