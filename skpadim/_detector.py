@@ -443,6 +443,31 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
             return maps
         return self._to_input_frames(images, maps)
 
+    def predict_masks(self, X, threshold, *, resolution="input"):
+        """Per-pixel defect masks: where the anomaly map reaches ``threshold``.
+
+        Parameters
+        ----------
+        X : array of shape (n, H, W[, C]) or list of arrays, paths or PIL images
+            Images to segment.
+        threshold : float
+            Pixel anomaly score at and above which a pixel is defective; take
+            it from held-out normal images
+            (:func:`skpadim.metrics.threshold_from_normal` on their maps) or,
+            with labelled masks, :func:`skpadim.metrics.f1_optimal_threshold`,
+            never from the test images.
+        resolution : {"input", "model"}, default="input"
+            As in :meth:`anomaly_maps`; pixels outside an analysed crop are False.
+
+        Returns
+        -------
+        masks : ndarray of bool of shape (n, H, W) or list of ndarray
+            True on defective pixels.
+        """
+        from .metrics import anomaly_masks
+
+        return anomaly_masks(self.anomaly_maps(X, resolution=resolution), threshold)
+
     def _to_input_frames(self, images, maps):
         preprocessing = self.feature_extractor_.preprocessing_
         shapes = images.image_shapes()

@@ -210,3 +210,11 @@ def test_default_detector_works_offline():
     det = PadimDetector(image_size=64, device="cpu").fit(X)
     assert det.feature_extractor_.n_features_ == 100
     assert det.gaussian_.feature_shape_ == (100, 16, 16)
+
+
+def test_predict_masks_threshold_the_maps(fitted, images):
+    maps = fitted.anomaly_maps(images[:3])
+    threshold = float(np.median(maps))
+    masks = fitted.predict_masks(images[:3], threshold)
+    assert masks.dtype == bool and masks.shape == maps.shape
+    np.testing.assert_array_equal(masks, maps >= threshold)
