@@ -277,11 +277,15 @@ def unpack_lower(packed, n_features):
 
 
 def positions_first(embeddings):
-    """(n, d, h, w) or (n, d) tensor -> (h*w, n, d), the layout of the statistics."""
+    """(n, d, h, w) or (n, d) tensor -> contiguous (h*w, n, d), the statistics' layout.
+
+    The copy matters: batched matmuls on the permuted view take a strided
+    path that was 4x (scoring) to 13x (statistics) slower on CPU.
+    """
     if embeddings.ndim == 2:
         return embeddings.unsqueeze(0)
     n, d = embeddings.shape[:2]
-    return embeddings.reshape(n, d, -1).permute(2, 0, 1)
+    return embeddings.reshape(n, d, -1).permute(2, 0, 1).contiguous()
 
 
 class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
