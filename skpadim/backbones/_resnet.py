@@ -1,8 +1,11 @@
-"""torchvision ResNets as PaDiM feature pyramids (the paper's backbones)."""
+"""torchvision ResNets as PaDiM feature pyramids (the paper's backbones).
+
+torchvision is imported only when a ResNet is built: importing it costs
+seconds, which ``import skpadim`` should not pay.
+"""
 
 from __future__ import annotations
 
-import torchvision
 from torch import nn
 
 from ._registry import BackboneSpec, Tap, register_backbone
@@ -40,6 +43,8 @@ class ResNetPyramid(nn.Module):
 
 def _pretrained_loader(arch):
     def load_pretrained():
+        import torchvision
+
         weights = torchvision.models.get_model_weights(arch).DEFAULT
         try:
             # torchvision looks in its hub cache first, so a file placed there
@@ -61,6 +66,8 @@ def _pretrained_loader(arch):
 
 def _resnet_spec(arch, widths, default_n_features):
     def build(layers):
+        import torchvision
+
         return ResNetPyramid(getattr(torchvision.models, arch)(weights=None), layers)
 
     taps = {
