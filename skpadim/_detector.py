@@ -13,7 +13,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
 from ._features import PatchFeatureExtractor
-from ._gaussian import PatchGaussian, PatchMoments, positions_first
+from ._gaussian import PatchGaussian, PatchMoments, leave_one_out, positions_first
 from ._images import check_images
 from ._maps import distances_to_maps, image_scores
 from ._memory import check_statistics_memory
@@ -88,8 +88,9 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         Centre crop after resizing, as in the paper's protocol
         (``image_size=256, crop_size=224``); None analyses the whole image.
     contamination : float in (0, 0.5], default=0.01
-        Fraction of training images expected to be anomalous: ``offset_`` is
-        that quantile of the training scores.
+        Fraction of normal images to flag: ``offset_`` is that quantile of
+        the training images' leave-one-out scores, an unbiased stand-in for
+        the scores of new normal images.
     batch_size : int, default=32
         Images per forward pass.
     device : str, default="auto"
@@ -118,8 +119,11 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
     offset_ : float
         ``decision_function = score_samples - offset_``.
     train_scores_ : ndarray of shape (n_samples,)
-        ``score_samples`` of the training images (in-sample, so slightly
-        optimistic), from which ``offset_`` is taken.
+        Leave-one-out ``score_samples`` of the training images: each image is
+        scored by the Gaussians fitted without it (a closed-form rank-one
+        downdate, no refit). In-sample scores would be optimistic, and a
+        threshold taken from them would flag far too many new normal images.
+        ``offset_`` is their ``contamination`` quantile.
     n_samples_seen_ : int
         Number of training images.
 
@@ -231,7 +235,9 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         moments, frame_shape, feature_shape = self._statistics(extractor, images)
         gaussian = PatchGaussian(epsilon=self.epsilon, contamination=self.contamination)
         gaussian.set_moments(moments, feature_shape)
-        scores = -self._image_scores(images, extractor, gaussian, frame_shape)
+        scores = -self._image_scores(
+            images, extractor, gaussian, frame_shape, training=True
+        )
 
         self.feature_extractor_ = extractor
         self.gaussian_ = gaussian
@@ -280,7 +286,9 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
             moments = self.gaussian_.moments_.merge(new)  # a new object
         gaussian = PatchGaussian(epsilon=self.epsilon, contamination=self.contamination)
         gaussian.set_moments(moments, feature_shape)
-        scores = -self._image_scores(images, extractor, gaussian, frame_shape)
+        scores = -self._image_scores(
+            images, extractor, gaussian, frame_shape, training=True
+        )
         previous = getattr(self, "train_scores_", np.empty(0))
 
         self.feature_extractor_ = extractor
@@ -329,12 +337,22 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         )
 
     # -------------------------------------------------------------- scoring
-    def _image_scores(self, images, extractor=None, gaussian=None, frame_shape=None):
+    def _image_scores(
+        self, images, extractor=None, gaussian=None, frame_shape=None, training=False
+    ):
+        """Image anomaly scores; ``training=True`` scores the training images
+        leave-one-out (see ``skpadim._gaussian.leave_one_out``)."""
         if extractor is None:
             extractor, gaussian = self.feature_extractor_, self.gaussian_
             frame_shape = self.frame_shape_
         parts = self._map_chunks(
-            _chunk_scores, images, extractor, gaussian, frame_shape, self.sigma
+            _chunk_scores,
+            images,
+            extractor,
+            gaussian,
+            frame_shape,
+            self.sigma,
+            training=training,
         )
         return np.concatenate(parts).astype(np.float64)
 
@@ -387,7 +405,12 @@ class PadimDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         return np.where(self.decision_function(X) >= 0, 1, -1)
 
     def fit_predict(self, X, y=None):
-        """Fit on ``X`` and label it, scoring each image once.
+        """Fit on ``X`` and label its images as if each had been left out.
+
+        The labels come from the leave-one-out ``train_scores_``, so exactly
+        a ``contamination`` fraction of the images is flagged. This differs
+        from ``fit(X).predict(X)``, which scores images the model has seen
+        (in-sample, optimistic) and so flags fewer of them.
 
         Parameters
         ----------
@@ -562,19 +585,23 @@ def _chunk_moments(images, extractor, *, frame_shape=None, n_threads=None):
     return moments, frame_shape, feature_shape
 
 
-def _iter_maps(images, extractor, gaussian, frame_shape, sigma):
+def _iter_maps(images, extractor, gaussian, frame_shape, sigma, training=False):
     """Yield model-frame anomaly maps (B, H, W) on the device, in order."""
     for batch, embeddings in extractor.embed_batches(images, desc="score"):
         _check_frame(batch, frame_shape)
         with torch.inference_mode():
             distances = gaussian.distances(embeddings)
+            if training:
+                distances = leave_one_out(distances, gaussian.n_samples_seen_)
             yield distances_to_maps(distances, frame_shape, sigma)
 
 
-def _chunk_scores(images, extractor, gaussian, frame_shape, sigma, n_threads=None):
+def _chunk_scores(
+    images, extractor, gaussian, frame_shape, sigma, n_threads=None, training=False
+):
     """Image anomaly scores (maxima of the maps) of a chunk of images."""
     with _torch_threads(n_threads):
-        maps = _iter_maps(images, extractor, gaussian, frame_shape, sigma)
+        maps = _iter_maps(images, extractor, gaussian, frame_shape, sigma, training)
         return np.concatenate([image_scores(m).cpu().numpy() for m in maps])
 
 

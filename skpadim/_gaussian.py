@@ -262,6 +262,45 @@ def mahalanobis(x, mean, whitening):
     return torch.bmm(centred, whitening.transpose(1, 2)).norm(dim=2)
 
 
+def leave_one_out(distances, n_samples):
+    """Turn training samples' in-sample distances into leave-one-out distances.
+
+    A training sample pulls its position's Gaussian towards itself, so its
+    in-sample distance is optimistic (badly so when ``n_samples`` is not much
+    larger than ``n_features``). Removing one sample is a rank-one downdate
+    of the scatter, so by Sherman-Morrison, with ``c = n / (n - 1)`` and
+    ``h = d_in^2 / (n - 1)``::
+
+        d_loo^2 = c^2 (n - 2) h / (1 - c h)
+
+    is the sample's distance to the Gaussian fitted without it. This is exact
+    for ``epsilon = 0``; with ``epsilon > 0`` the only difference is that the
+    regulariser was weighted by ``n - 1`` rather than ``n - 2`` samples, which
+    changes each distance by at most a factor ``1 + 1 / (2 (n - 2))`` (and much
+    less when the feature variances dwarf ``epsilon``).
+
+    Parameters
+    ----------
+    distances : tensor
+        In-sample Mahalanobis distances of training samples (any shape).
+    n_samples : int
+        Number of samples the Gaussians were fitted on.
+
+    Returns
+    -------
+    tensor
+        Leave-one-out distances, same shape; unchanged when ``n_samples < 3``.
+    """
+    n = n_samples
+    if n < 3:
+        return distances
+    c = n / (n - 1)
+    h = distances.double() ** 2 / (n - 1)
+    # c h < 1 for any training sample; the clamp only guards rounding.
+    loo = c**2 * (n - 2) * h / (1 - c * h).clamp_min(1e-12)
+    return loo.sqrt().to(distances.dtype)
+
+
 def pack_lower(matrices):
     """Pack the lower triangles of (P, d, d) matrices into (P, d(d+1)/2)."""
     rows, cols = np.tril_indices(matrices.shape[-1])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from skpadim import PatchGaussian, PatchMoments
-from skpadim._gaussian import positions_first, whitening_factors
+from skpadim._gaussian import leave_one_out, positions_first, whitening_factors
 
 
 def reference_moments(X):
@@ -144,3 +144,18 @@ def test_partial_fit_rejects_other_feature_shapes():
     )
     with pytest.raises(ValueError, match="expected"):
         det.partial_fit(np.zeros((3, 4, 3, 3)))
+
+
+@pytest.mark.parametrize("epsilon, rtol", [(1e-9, 1e-5), (0.01, 5e-3)])
+def test_leave_one_out_equals_refitting_without_the_sample(epsilon, rtol):
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(30, 5, 2, 2)) * rng.uniform(0.3, 2, size=(1, 5, 1, 1))
+    gaussian = PatchGaussian(epsilon=epsilon).fit(X)
+    in_sample = torch.from_numpy(gaussian.mahalanobis(X).astype(np.float64))
+    loo = leave_one_out(in_sample, 30).numpy()
+    for i in range(4):
+        refit = PatchGaussian(epsilon=epsilon).fit(np.delete(X, i, axis=0))
+        np.testing.assert_allclose(
+            loo[i], refit.mahalanobis(X[i : i + 1])[0], rtol=rtol
+        )
+    assert torch.equal(leave_one_out(in_sample, 2), in_sample)
