@@ -97,7 +97,12 @@ def test_cuda_and_cpu_fits_agree(cuda_model, cpu_model, test_images):
         cuda_scores = cuda_model.score_samples(test_images)
     assert_scaled_close(cuda_maps, cpu_model.anomaly_maps(test_images))
     assert_scaled_close(cuda_scores, cpu_model.score_samples(test_images))
-    assert_scaled_close(cuda_model.train_scores_, cpu_model.train_scores_)
+    # The training scores are leave-one-out: dividing by one minus each
+    # image's leverage (down to about 0.05 with 12 images and 16 features)
+    # amplifies differences up to 20 times.
+    assert_scaled_close(
+        cuda_model.train_scores_, cpu_model.train_scores_, rtol=20 * RTOL
+    )
 
 
 def test_cuda_with_default_tf32_ranks_like_the_cpu(cpu_model, train, test_images):
@@ -112,10 +117,8 @@ def test_cuda_fitted_model_predicts_the_same_on_the_cpu(cuda_model, test_images)
         expected_maps = cuda_model.anomaly_maps(test_images)
         expected_labels = cuda_model.predict(test_images)
     loaded = pickle.loads(pickle.dumps(cuda_model))
-    # The fitted extractor keeps the device it was fitted with; setting it
-    # there (and on the detector, for consistency) moves the loaded model.
+    # A run-time parameter: the detector passes it on to its fitted extractor.
     loaded.set_params(device="cpu")
-    loaded.feature_extractor_.set_params(device="cpu")
     scores = loaded.score_samples(test_images)
     assert loaded.feature_extractor_.device_.type == "cpu"
     assert_scaled_close(scores, expected)
