@@ -43,7 +43,7 @@ def test_paths_are_read_lazily(tmp_path, monkeypatch):
     import skpadim._images as module
 
     paths = []
-    for i in range(5):
+    for i in range(20):
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(np.zeros((4, 4), np.uint8)).save(paths[-1])
     reads = []
@@ -51,10 +51,14 @@ def test_paths_are_read_lazily(tmp_path, monkeypatch):
     monkeypatch.setattr(
         module, "_read_image_file", lambda p: reads.append(p) or original(p)
     )
-    batches = check_images(paths).batches(2)
-    assert reads == []  # validation reads nothing
-    next(batches)
-    assert len(reads) == 2
+    for prefetch in (0, 2):
+        reads.clear()
+        batches = check_images(paths).batches(2, prefetch=prefetch)
+        assert reads == []  # validation reads nothing
+        next(batches)
+        # At most the batch in hand and `prefetch` batches ahead are read.
+        assert 2 <= len(reads) <= 2 * (prefetch + 1)
+        batches.close()
 
 
 @pytest.mark.parametrize(
