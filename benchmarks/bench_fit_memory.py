@@ -26,10 +26,15 @@ Target
 Peak RSS grows by less than 10 % from 64 to 1024 images:
 ``(peak_1024 - peak_64) / peak_64 < 0.10``.
 
+``--env NAME=VALUE`` (repeatable) sets environment variables in the children
+only, e.g. ``--env MALLOC_MMAP_THRESHOLD_=131072`` to see how much of the peak
+is glibc malloc keeping freed memory rather than memory in use.
+
 Usage::
 
     python benchmarks/bench_fit_memory.py [--sizes 64,1024]
         [--backbones resnet18,efficientnet_lite0] [--batch-size 32]
+        [--env NAME=VALUE ...]
 """
 
 from __future__ import annotations
@@ -144,7 +149,7 @@ def run_child(args):
 
 
 # --------------------------------------------------------------- parent side
-def fit_in_subprocess(backbone, n_images, image_dir, batch_size):
+def fit_in_subprocess(backbone, n_images, image_dir, batch_size, env=None):
     command = [
         sys.executable,
         os.path.abspath(__file__),
@@ -158,7 +163,9 @@ def fit_in_subprocess(backbone, n_images, image_dir, batch_size):
         "--batch-size",
         str(batch_size),
     ]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
     if done.returncode != 0:
         sys.stderr.write(done.stderr)
         raise RuntimeError(f"child fit failed for {backbone}, n={n_images}")
@@ -174,6 +181,13 @@ def main(argv=None):
     parser.add_argument("--sizes", default="64,1024", help="numbers of images")
     parser.add_argument("--backbones", default="resnet18,efficientnet_lite0")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment variable for the fitting subprocesses (repeatable)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backbone", help=argparse.SUPPRESS)
     parser.add_argument("--n-images", type=int, help=argparse.SUPPRESS)
@@ -186,6 +200,7 @@ def main(argv=None):
     import torch
 
     sizes = sorted(int(s) for s in args.sizes.split(","))
+    child_env = dict(item.split("=", 1) for item in args.env)
     backbones = [b.strip() for b in args.backbones.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ", end="")
     print(f"load average {os.getloadavg()[0]:.2f}")
@@ -193,6 +208,8 @@ def main(argv=None):
         f"fit on {sizes} PNG paths {IMAGE_SIZE}x{IMAGE_SIZE}, "
         f"batch_size={args.batch_size}, one fresh subprocess per fit"
     )
+    if child_env:
+        print(f"environment of the subprocesses: {child_env}")
 
     folder = tempfile.mkdtemp(prefix="skpadim_fit_memory_")
     try:
@@ -204,7 +221,8 @@ def main(argv=None):
         )
         results = {
             backbone: [
-                fit_in_subprocess(backbone, n, folder, args.batch_size) for n in sizes
+                fit_in_subprocess(backbone, n, folder, args.batch_size, child_env)
+                for n in sizes
             ]
             for backbone in backbones
         }

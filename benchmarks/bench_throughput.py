@@ -51,9 +51,12 @@ Usage::
         [--batch-sizes 1,8,32] [--n-images 32 | name=N,...] [--device cpu,cuda]
         [--repeats 3] [--precision float32] [--threads N]
 
-The default run takes about 5-10 minutes on a 2-core CPU; wide_resnet50_2
-is given 8 images there (it embeds 1-2 images per second and fits 11 GB of
-statistics for ``n_features=550``).
+On a CPU, wide_resnet50_2 gets 8 images (it embeds a few images per second
+and its ``n_features=550`` statistics take 11 GB), the others 32. The
+default run took 17 minutes on a 2-core CPU shared with other work (load
+average 3 to 6), and 7 minutes with ``--threads 1``: on a loaded machine,
+PyTorch's threads wait for each other whenever one is descheduled, so
+single-threaded runs are both faster and steadier there.
 """
 
 from __future__ import annotations

@@ -386,6 +386,12 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
     def __sklearn_is_fitted__(self):
         return hasattr(self, "backbone_state_")
 
+    def __sizeof__(self):
+        # Lets joblib's Dask backend see the weights are large and scatter
+        # them to the workers once, instead of shipping them in every task.
+        weights = getattr(self, "backbone_state_", {})
+        return object.__sizeof__(self) + sum(v.nbytes for v in weights.values())
+
     def __getstate__(self):
         state = dict(super().__getstate__())  # a copy: never touch the live object
         # The torch module and the device are rebuilt on load: the pickle holds

@@ -105,8 +105,10 @@ class PatchMoments:
         self : PatchMoments
             The updated moments.
         """
-        x = x.to(torch.float64)
         n_new = x.shape[1]
+        if n_new == 0:
+            return self
+        x = x.to(torch.float64)
         batch_mean = x.mean(dim=1)
         centred = x - batch_mean.unsqueeze(1)
         total = self.count + n_new
@@ -585,6 +587,11 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
             1 where ``decision_function(X) >= 0``, else -1.
         """
         return np.where(self.decision_function(X) >= 0, 1, -1)
+
+    def __sizeof__(self):
+        # Lets joblib's Dask backend see the model is large and scatter it to
+        # the workers once, instead of shipping it inside every task.
+        return object.__sizeof__(self) + getattr(self, "whitening_", np.empty(0)).nbytes
 
     def __getstate__(self):
         state = dict(super().__getstate__())  # a copy: never touch the live object

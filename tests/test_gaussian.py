@@ -159,3 +159,13 @@ def test_leave_one_out_equals_refitting_without_the_sample(epsilon, rtol):
             loo[i], refit.mahalanobis(X[i : i + 1])[0], rtol=rtol
         )
     assert torch.equal(leave_one_out(in_sample, 2), in_sample)
+
+
+def test_empty_batch_leaves_moments_unchanged():
+    moments = PatchMoments.empty(3, 4)
+    moments.update(torch.zeros(3, 0, 4))
+    assert moments.count == 0 and not torch.isnan(moments.mean).any()
+    moments.update(torch.ones(3, 2, 4)).update(torch.zeros(3, 0, 4))
+    assert moments.count == 2 and torch.equal(
+        moments.mean, torch.ones(3, 4, dtype=torch.float64)
+    )

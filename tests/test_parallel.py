@@ -284,6 +284,10 @@ def test_dask_cluster_fit_equals_single_process_fit(png_paths, serial, test_imag
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
+            # Without a dashboard the scheduler still serves HTTP, on port
+            # 8787 by default; a random port avoids a warning (and a clash)
+            # when another cluster on the machine holds 8787.
+            scheduler_kwargs={"dashboard_address": ":0"},
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
