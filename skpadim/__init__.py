@@ -1,13 +1,15 @@
-"""skpadim: PaDiM anomaly detection and localization for scikit-learn.
+"""skpadim: visual anomaly detection and localization for scikit-learn.
 
-The estimators live in private modules and are re-exported here.
+PaDiM and its family (PatchCore, SPADE, Gaussian AD, CFLOW-AD) on one image
+pipeline. The estimators live in private modules and are re-exported here.
 """
 
-from ._detector import PadimDetector
 from ._features import PatchFeatureExtractor
-from ._gaussian import PatchGaussian, PatchMoments
+from ._gaussian import PatchGaussian
+from ._moments import PatchMoments
+from ._padim import PadimDetector
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "PadimDetector",

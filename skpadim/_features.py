@@ -16,8 +16,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from ._gaussian import PatchMoments, positions_first
 from ._images import Preprocessing, check_images, check_size
+from ._moments import PatchMoments, positions_first
 from ._persistence import VersionedStateMixin
 from .backbones import build_feature_network, get_backbone_spec
 
@@ -88,6 +88,13 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         resnet18, 550 for wide_resnet50_2).
     reduction : {"random", "pca"}, default="random"
         Random dimension selection (PaDiM's Rd) or PCA (its ablation).
+    patch_size : int, default=1
+        Local aggregation: each tap is averaged over a ``patch_size`` x
+        ``patch_size`` neighbourhood (stride 1, zero padding counted, as
+        PatchCore's locally aware features); 1 leaves the taps as they are.
+    upsampling : {"nearest", "bilinear"}, default="nearest"
+        How coarser taps are brought to the finest tap's grid (PaDiM: nearest;
+        PatchCore: bilinear).
     image_size : int, (int, int) or None, default=224
         Images are resized to this (height, width); None keeps their size.
     crop_size : int, (int, int) or None, default=None
@@ -141,6 +148,8 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         "layers": [tuple, list, str, None],
         "n_features": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "reduction": [StrOptions({"random", "pca"})],
+        "patch_size": [Interval(numbers.Integral, 1, 15, closed="both")],
+        "upsampling": [StrOptions({"nearest", "bilinear"})],
         "image_size": [
             Interval(numbers.Integral, 1, None, closed="left"),
             tuple,
@@ -168,6 +177,8 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         layers=None,
         n_features=None,
         reduction="random",
+        patch_size=1,
+        upsampling="nearest",
         image_size=224,
         crop_size=None,
         batch_size=32,
@@ -181,6 +192,8 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         self.layers = layers
         self.n_features = n_features
         self.reduction = reduction
+        self.patch_size = patch_size
+        self.upsampling = upsampling
         self.image_size = image_size
         self.crop_size = crop_size
         self.batch_size = batch_size
@@ -265,7 +278,7 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
             channel_indices = np.sort(chosen)
         # Numpy views of the weights (no copy): the fitted state to pickle.
         state = {k: v.detach().cpu().numpy() for k, v in network.state_dict().items()}
-        runtime = _Runtime(network, preprocessing, device, offsets, self.precision)
+        runtime = self._new_runtime(network, preprocessing, device, offsets)
         if self.reduction == "pca":
             components, pca_mean = self._fit_pca(images, runtime, n_features)
         runtime.set_reduction(channel_indices, components, pca_mean)
@@ -278,6 +291,17 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         self.pca_mean_ = pca_mean
         self.backbone_state_ = state
         self._runtime = runtime
+
+    def _new_runtime(self, network, preprocessing, device, offsets):
+        return _Runtime(
+            network,
+            preprocessing,
+            device,
+            offsets,
+            self.precision,
+            patch_size=self.patch_size,
+            upsampling=self.upsampling,
+        )
 
     def _fit_pca(self, images, runtime, n_features):
         """Principal directions of the pooled full-width patch embeddings."""
@@ -315,8 +339,8 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         embeddings = [e.cpu().numpy() for _, e in self.embed_batches(images)]
         return np.concatenate(embeddings, axis=0)
 
-    def embed_batches(self, images, desc="embed"):
-        """Yield (preprocessed batch, embeddings) tensor pairs on the device.
+    def embed_batches(self, images, desc="embed", *, kind="concat"):
+        """Yield (preprocessed batch, embeddings) pairs of tensors on the device.
 
         Parameters
         ----------
@@ -324,17 +348,23 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
             Validated images (see ``skpadim._images.check_images``).
         desc : str
             Progress-bar label.
+        kind : {"concat", "taps"}, default="concat"
+            "concat": one (B, n_features, h, w) tensor on the finest tap's
+            grid; "taps": the list of reduced taps, each on its own grid (the
+            kept channels of each layer, in network order; a layer with no
+            kept channel is left out).
 
         Yields
         ------
         batch : tensor of shape (B, 3, H, W)
             The preprocessed images.
-        embeddings : tensor of shape (B, n_features, h, w)
+        embeddings : tensor of shape (B, n_features, h, w) or list of tensors
             Their patch embeddings.
         """
         runtime = self._get_runtime()
         for batch in self._batches(images, runtime, desc=desc):
-            yield batch, runtime.reduce(runtime.forward(batch))
+            taps = runtime.reduce_taps(runtime.forward(batch))
+            yield batch, taps if kind == "taps" else runtime.concat(taps)
 
     @property
     def preprocessing_(self):
@@ -376,7 +406,7 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
             offsets = np.cumsum(
                 [0] + [spec.taps[layer].channels for layer in self.layers_]
             )
-            runtime = _Runtime(network, preprocessing, device, offsets, self.precision)
+            runtime = self._new_runtime(network, preprocessing, device, offsets)
             runtime.set_reduction(
                 self.channel_indices_, self.components_, self.pca_mean_
             )
@@ -399,6 +429,11 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         state.pop("_runtime", None)
         return state
 
+    def __setstate__(self, state):
+        # Parameters added after release 0.1, at the values it used.
+        state = {"patch_size": 1, "upsampling": "nearest", **state}
+        super().__setstate__(state)
+
     def set_params(self, **params):
         # A changed parameter invalidates the cached network and device.
         self.__dict__.pop("_runtime", None)
@@ -418,7 +453,19 @@ class _Runtime:
     Kept out of pickles and rebuilt from the fitted numpy arrays on demand.
     """
 
-    def __init__(self, network, preprocessing, device, layer_offsets, precision):
+    def __init__(
+        self,
+        network,
+        preprocessing,
+        device,
+        layer_offsets,
+        precision,
+        *,
+        patch_size=1,
+        upsampling="nearest",
+    ):
+        self.patch_size = patch_size
+        self.upsampling = upsampling
         network = network.to(device)
         if device.type == "cuda":
             # cuDNN's convolutions are fastest on NHWC tensors.
@@ -453,14 +500,17 @@ class _Runtime:
         return torch.autocast(self.device.type, dtype=getattr(torch, self.precision))
 
     def reduce(self, taps):
-        """Tap outputs -> (B, n_features, h, w) on the finest tap's grid.
+        """Tap outputs -> (B, n_features, h, w) on the finest tap's grid."""
+        return self.concat(self.reduce_taps(taps))
 
-        Each tap is reduced first (channel subset or its block of the PCA
-        projection) and upsampled after, which gives the same result as
-        reducing the upsampled concatenation because nearest upsampling
-        commutes with per-pixel linear maps, at a fraction of the memory.
+    def reduce_taps(self, taps):
+        """Reduce each tap to its kept channels (or PCA block), then aggregate
+        each over its local neighbourhood (``patch_size``), on its own grid.
+
+        Reducing first gives the same result as reducing the upsampled
+        concatenation, because resampling and local averaging commute with
+        per-pixel linear maps, at a fraction of the memory.
         """
-        size = taps[0].shape[-2:]
         bounds = zip(self.layer_offsets[:-1], self.layer_offsets[1:])
         parts = []
         with torch.inference_mode():
@@ -468,12 +518,28 @@ class _Runtime:
                 tap = self._reduce_tap(tap, start, stop)
                 if tap is None:
                     continue
-                if tap.shape[-2:] != size:
-                    tap = F.interpolate(tap, size=size, mode="nearest")
+                if self.patch_size > 1:
+                    tap = F.avg_pool2d(
+                        tap, self.patch_size, stride=1, padding=self.patch_size // 2
+                    )
                 parts.append(tap)
+        return parts
+
+    def concat(self, parts):
+        """Reduced taps -> one (B, n_features, h, w) tensor on the finest grid."""
+        size = parts[0].shape[-2:]
+        with torch.inference_mode():
+            parts = [self._upsample(part, size) for part in parts]
             if self.components is not None:
                 return sum(parts) - self.pca_shift
-            return torch.cat(parts, dim=1)
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _upsample(self, tap, size):
+        if tap.shape[-2:] == size:
+            return tap
+        if self.upsampling == "nearest":
+            return F.interpolate(tap, size=size, mode="nearest")
+        return F.interpolate(tap, size=size, mode="bilinear", align_corners=False)
 
     def _reduce_tap(self, tap, start, stop):
         if self.components is not None:
@@ -484,4 +550,6 @@ class _Runtime:
         local = indices[(indices >= start) & (indices < stop)] - start
         if len(local) == 0:
             return None
+        if len(local) == stop - start:  # every channel kept: no copy
+            return tap
         return tap[:, torch.as_tensor(local, device=tap.device)]

@@ -1,11 +1,8 @@
-"""One Gaussian per patch position: streaming statistics and Mahalanobis scores.
+"""One Gaussian per patch position: whitening factors and Mahalanobis scores.
 
-The statistics of PaDiM are a sum over images, so they are accumulated batch by
-batch and never need the embeddings of more than one batch at a time. Each
-batch is reduced to its (count, mean, centred scatter) with one batched matrix
-product and merged into the running totals with Chan et al.'s pairwise update,
-which stays exact when the values share a large common offset (the naive
-``sum(x x^T) - n mu mu^T`` loses every digit there).
+The streaming statistics live in :mod:`skpadim._moments`; this module turns
+them into per-position Cholesky whitening factors and scores embeddings with
+one batched matrix product.
 """
 
 from __future__ import annotations
@@ -14,204 +11,12 @@ import numbers
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._moments import PatchMoments, positions_first
 from ._persistence import VersionedStateMixin
-
-
-class PatchMoments:
-    """Mergeable per-position sample statistics: count, mean and centred scatter.
-
-    ``fit`` on a data set equals :meth:`merge` of the moments of any partition
-    of it, which is what makes fitting a map-reduce.
-
-    Parameters
-    ----------
-    count : int
-        Number of samples seen.
-    mean : tensor of shape (n_positions, n_features), float64
-        Per-position means.
-    scatter : tensor of shape (n_positions, n_features, n_features), float64
-        Sum over samples of the centred outer products (x - mean)(x - mean)^T.
-    """
-
-    def __init__(self, count, mean, scatter):
-        self.count = int(count)
-        self.mean = torch.as_tensor(mean, dtype=torch.float64)
-        self.scatter = torch.as_tensor(scatter, dtype=torch.float64)
-
-    @classmethod
-    def empty(cls, n_positions, n_features, device="cpu"):
-        """Moments of no samples, ready for :meth:`update`.
-
-        Parameters
-        ----------
-        n_positions : int
-            Number of positions (1 for a plain table of samples).
-        n_features : int
-            Dimension of each sample.
-        device : str or torch.device, default="cpu"
-            Where the statistics live.
-
-        Returns
-        -------
-        moments : PatchMoments
-            Zero count, mean and scatter.
-        """
-        mean = torch.zeros(n_positions, n_features, dtype=torch.float64, device=device)
-        scatter = torch.zeros(
-            n_positions, n_features, n_features, dtype=torch.float64, device=device
-        )
-        return cls(0, mean, scatter)
-
-    @classmethod
-    def from_batch(cls, x):
-        """Moments of one batch of samples.
-
-        Parameters
-        ----------
-        x : tensor of shape (n_positions, n_samples, n_features)
-            The samples, positions first.
-
-        Returns
-        -------
-        moments : PatchMoments
-            Their count, means and centred scatters, in float64.
-        """
-        return cls.empty(x.shape[0], x.shape[2], device=x.device).update(x)
-
-    @property
-    def shape(self):
-        """(n_positions, n_features)."""
-        return tuple(self.mean.shape)
-
-    def update(self, x):
-        """Add a batch of samples in place.
-
-        The batch is centred on its own mean in float64, then merged with
-        Chan's update. Both outer-product sums are accumulated into the
-        running scatter by in-place batched matmuls, so no extra
-        (n_positions, n_features, n_features) array is ever allocated.
-
-        Parameters
-        ----------
-        x : tensor of shape (n_positions, n_samples, n_features)
-            The new samples, positions first.
-
-        Returns
-        -------
-        self : PatchMoments
-            The updated moments.
-        """
-        n_new = x.shape[1]
-        if n_new == 0:
-            return self
-        x = x.to(torch.float64)
-        batch_mean = x.mean(dim=1)
-        centred = x - batch_mean.unsqueeze(1)
-        total = self.count + n_new
-        delta = batch_mean - self.mean
-        self.scatter.baddbmm_(centred.transpose(1, 2), centred)
-        self.scatter.baddbmm_(
-            delta.unsqueeze(2), delta.unsqueeze(1), alpha=self.count * n_new / total
-        )
-        self.mean.add_(delta, alpha=n_new / total)
-        self.count = total
-        return self
-
-    def merge(self, other):
-        """Return the moments of the union of two disjoint sample sets (Chan).
-
-        Parameters
-        ----------
-        other : PatchMoments
-            Moments of other samples, of the same ``shape``.
-
-        Returns
-        -------
-        moments : PatchMoments
-            New moments of both sets; neither input is modified.
-
-        Raises
-        ------
-        ValueError
-            If the shapes differ.
-        """
-        if self.shape != other.shape:
-            raise ValueError(
-                "Cannot merge moments of different shapes (n_positions, "
-                f"n_features): {self.shape} and {other.shape}."
-            )
-        total = self.count + other.count
-        if total == 0:
-            return PatchMoments(0, self.mean.clone(), self.scatter.clone())
-        device = self.mean.device
-        other_mean = other.mean.to(device)
-        delta = other_mean - self.mean
-        scatter = self.scatter + other.scatter.to(device)
-        scatter.baddbmm_(
-            delta.unsqueeze(2),
-            delta.unsqueeze(1),
-            alpha=self.count * other.count / total,
-        )
-        mean = self.mean + delta * (other.count / total)
-        return PatchMoments(total, mean, scatter)
-
-    def covariance(self, epsilon, positions=slice(None)):
-        """Unbiased covariance plus ``epsilon`` on the diagonal, float64.
-
-        Parameters
-        ----------
-        epsilon : float
-            Added to the diagonal.
-        positions : slice or index, default=slice(None)
-            The positions wanted; all by default.
-
-        Returns
-        -------
-        covariance : tensor of shape (n_selected, n_features, n_features)
-            ``scatter / (count - 1) + epsilon * I`` at each selected position.
-
-        Raises
-        ------
-        ValueError
-            If fewer than two samples were seen.
-        """
-        if self.count < 2:
-            raise ValueError(
-                f"At least 2 samples are needed to estimate a covariance; got "
-                f"{self.count}."
-            )
-        covariance = self.scatter[positions] / (self.count - 1)
-        covariance.diagonal(dim1=1, dim2=2).add_(epsilon)
-        return covariance
-
-    def copy(self):
-        """Return an independent copy.
-
-        Returns
-        -------
-        moments : PatchMoments
-            A copy whose tensors share no memory with these.
-        """
-        return PatchMoments(self.count, self.mean.clone(), self.scatter.clone())
-
-    def to(self, device):
-        """Return the same moments on another torch device.
-
-        Parameters
-        ----------
-        device : str or torch.device
-            The target device.
-
-        Returns
-        -------
-        moments : PatchMoments
-            The moments on ``device``.
-        """
-        return PatchMoments(self.count, self.mean.to(device), self.scatter.to(device))
 
 
 def whitening_factors(moments, epsilon, *, chunk_size=256):
@@ -317,33 +122,22 @@ def unpack_lower(packed, n_features):
     return out
 
 
-def positions_first(embeddings):
-    """(n, d, h, w) or (n, d) tensor -> contiguous (h*w, n, d), the statistics' layout.
-
-    The copy matters: batched matmuls on the permuted view take a strided
-    path that was 4x (scoring) to 13x (statistics) slower on CPU.
-    """
-    if embeddings.ndim == 2:
-        return embeddings.unsqueeze(0)
-    n, d = embeddings.shape[:2]
-    return embeddings.reshape(n, d, -1).permute(2, 0, 1).contiguous()
-
-
-class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
+class PatchGaussian(VersionedStateMixin, BaseEstimator):
     """One Gaussian per patch position, scored by Mahalanobis distance.
 
+    The head of :class:`PadimDetector`, and the analogue of scikit-learn's
+    :class:`~sklearn.covariance.EmpiricalCovariance` for patch embeddings: a
+    model of normal data with no threshold (the detector owns ``offset_``).
     On embeddings of shape (n_samples, n_features, height, width), each of the
     height x width positions gets its own mean and regularised covariance; on a
-    2-D table (n_samples, n_features) there is a single position and this is a
-    plain Gaussian novelty detector. Statistics are streamed (``partial_fit``)
-    in float64; only the mean and the whitening factor are kept for scoring.
+    2-D table (n_samples, n_features) there is a single position. Statistics
+    are streamed (``partial_fit``) in float64; only the mean and the whitening
+    factor are kept for scoring.
 
     Parameters
     ----------
     epsilon : float, default=0.01
         Added to the diagonal of every covariance matrix (PaDiM's value).
-    contamination : float in (0, 0.5], default=0.1
-        Expected fraction of outliers in the training set; sets ``offset_``.
 
     Attributes
     ----------
@@ -356,12 +150,16 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
         left out of pickles to keep saved models small, so a reloaded
         estimator can score but not continue ``partial_fit``.
     n_samples_seen_ : int
+        Number of training samples.
     feature_shape_ : tuple of int
         Shape of one sample: (n_features,) or (n_features, height, width).
     n_features_in_ : int
         Number of features (channels) per position.
-    offset_ : float
-        Threshold on ``score_samples``: ``decision_function = score_samples - offset_``.
+
+    See Also
+    --------
+    PadimDetector : The image anomaly detector built on this head.
+    sklearn.covariance.EmpiricalCovariance : One Gaussian on a table.
 
     Examples
     --------
@@ -369,19 +167,19 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
     >>> from skpadim import PatchGaussian
     >>> rng = np.random.default_rng(0)
     >>> X = rng.normal(size=(200, 3))
-    >>> det = PatchGaussian(contamination=0.05).fit(X)
-    >>> det.predict([[0.0, 0.0, 0.0], [8.0, 8.0, 8.0]])
-    array([ 1, -1])
+    >>> head = PatchGaussian().fit(X)
+    >>> head.mahalanobis([[0.0, 0.0, 0.0], [8.0, 8.0, 8.0]]).round(1)
+    array([ 0.1, 14.5], dtype=float32)
     """
 
     _parameter_constraints = {
         "epsilon": [Interval(numbers.Real, 0, None, closed="neither")],
-        "contamination": [Interval(numbers.Real, 0, 0.5, closed="right")],
     }
+    # What the head consumes from the feature extractor (see skpadim._base).
+    input_kind = "concat"
 
-    def __init__(self, *, epsilon=0.01, contamination=0.1):
+    def __init__(self, *, epsilon=0.01):
         self.epsilon = epsilon
-        self.contamination = contamination
 
     def _validate_embeddings(self, X, *, reset):
         X = validate_data(
@@ -415,9 +213,7 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
         X = self._validate_embeddings(X, reset=True)
         self._check_ndim(X)
         moments = PatchMoments.from_batch(positions_first(torch.from_numpy(X)))
-        self.set_moments(moments, X.shape[1:])
-        self.offset_ = self._offset(self.score_samples(X))
-        return self
+        return self.set_moments(moments, X.shape[1:])
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
@@ -452,9 +248,7 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
         moments = PatchMoments.from_batch(positions_first(torch.from_numpy(X)))
         if not first:
             moments = self.moments_.merge(moments)
-        self.set_moments(moments, X.shape[1:])
-        self.offset_ = self._offset(self.score_samples(X))
-        return self
+        return self.set_moments(moments, X.shape[1:])
 
     def _check_ndim(self, X):
         if X.ndim not in (2, 4):
@@ -464,7 +258,7 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
             )
 
     def set_moments(self, moments, feature_shape):
-        """Set the Gaussians from streaming statistics (does not set ``offset_``).
+        """Set the Gaussians from streaming statistics.
 
         Parameters
         ----------
@@ -476,7 +270,7 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
         Returns
         -------
         self : PatchGaussian
-            The estimator, ready to compute distances.
+            The estimator, ready to score.
         """
         whitening = whitening_factors(moments, self.epsilon)
         self.moments_ = moments
@@ -488,24 +282,40 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
         self.__dict__.pop("_device_params", None)
         return self
 
-    def distances(self, embeddings):
-        """Compute the Mahalanobis distances of a torch batch, on its device.
+    def patch_scores(self, embeddings, *, leave_out=False):
+        """Mahalanobis distances of a torch batch, on its device.
 
         Parameters
         ----------
         embeddings : tensor of shape (n, n_features, h, w) or (n, n_features)
             Samples of the fitted shape.
+        leave_out : bool, default=False
+            The samples are training samples: score each against the Gaussians
+            fitted without it (see :func:`leave_one_out`).
 
         Returns
         -------
         tensor of shape (n, h, w) or (n,), float32
-            The distance of each sample at each position.
+            The (not squared) distance of each sample at each position.
         """
         mean, whitening = self._params_on(embeddings.device)
         dist = mahalanobis(
             positions_first(embeddings.to(torch.float32)), mean, whitening
         )
-        return dist.T.reshape(embeddings.shape[:1] + embeddings.shape[2:])
+        dist = dist.T.reshape(embeddings.shape[:1] + embeddings.shape[2:])
+        return leave_one_out(dist, self.n_samples_seen_) if leave_out else dist
+
+    def score_batch(self, embeddings, *, sample_ids=None):
+        """Patch scores of a batch, for the detectors (see ``_base``).
+
+        Returns
+        -------
+        patch_scores : tensor of shape (n, h, w)
+            Leave-one-out distances when ``sample_ids`` is given.
+        image_scores : None
+            The detector takes the maximum of the smoothed map.
+        """
+        return self.patch_scores(embeddings, leave_out=sample_ids is not None), None
 
     def _params_on(self, device):
         # Cache the device copies: moving them for every batch would cost
@@ -518,9 +328,6 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
             )
         return cache[device]
 
-    def _offset(self, scores):
-        return float(np.percentile(scores, 100.0 * self.contamination))
-
     def mahalanobis(self, X):
         """Compute the Mahalanobis distance of each sample at each position.
 
@@ -532,7 +339,7 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
         Returns
         -------
         distances : ndarray of shape (n_samples,) or (n_samples, h, w), float32
-            The distance to the Gaussian of each position.
+            The (not squared) distance to the Gaussian of each position.
         """
         check_is_fitted(self)
         X = self._validate_embeddings(X, reset=False)
@@ -540,7 +347,7 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
             raise ValueError(
                 f"X has samples of shape {X.shape[1:]}; expected {self.feature_shape_}."
             )
-        return self.distances(torch.from_numpy(X)).numpy()
+        return self.patch_scores(torch.from_numpy(X)).numpy()
 
     def score_samples(self, X):
         """Opposite of the largest Mahalanobis distance over positions.
@@ -558,36 +365,6 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
         dist = self.mahalanobis(X)
         return -dist.reshape(len(dist), -1).max(axis=1).astype(np.float64)
 
-    def decision_function(self, X):
-        """``score_samples(X) - offset_``: negative for outliers.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features) or (n_samples, n_features, h, w)
-            Samples of the fitted shape.
-
-        Returns
-        -------
-        decision : ndarray of shape (n_samples,)
-            Negative for the samples that :meth:`predict` labels -1.
-        """
-        return self.score_samples(X) - self.offset_
-
-    def predict(self, X):
-        """+1 for inliers, -1 for outliers.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features) or (n_samples, n_features, h, w)
-            Samples of the fitted shape.
-
-        Returns
-        -------
-        labels : ndarray of shape (n_samples,)
-            1 where ``decision_function(X) >= 0``, else -1.
-        """
-        return np.where(self.decision_function(X) >= 0, 1, -1)
-
     def __sizeof__(self):
         # Lets joblib's Dask backend see the model is large and scatter it to
         # the workers once, instead of shipping it inside every task.
@@ -604,6 +381,10 @@ class PatchGaussian(VersionedStateMixin, OutlierMixin, BaseEstimator):
         return state
 
     def __setstate__(self, state):
+        state = dict(state)
+        # Release 0.1 gave the head a threshold; the detector owns it now.
+        state.pop("contamination", None)
+        state.pop("offset_", None)
         if "whitening_" in state and state["whitening_"].ndim == 2:
             n_features = state["location_"].shape[1]
             state["whitening_"] = unpack_lower(state["whitening_"], n_features)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -117,6 +118,37 @@ def distances_to_maps(distances, frame_shape, sigma):
     rows = _axis_operator(h, height, *key)
     cols = _axis_operator(w, width, *key)
     return rows @ distances @ cols.T
+
+
+# The name used by the family's heads, which score patches by other means
+# than a distance (a log-likelihood, a kNN distance).
+patch_scores_to_maps = distances_to_maps
+
+
+def to_input_frames(preprocessing, shapes, maps):
+    """Resample model-frame maps onto each input image's pixel grid.
+
+    Parameters
+    ----------
+    preprocessing : Preprocessing
+        The fitted resize / crop.
+    shapes : list of (int, int)
+        (H, W) of each image as passed in.
+    maps : ndarray of shape (n, h, w)
+        Model-frame maps.
+
+    Returns
+    -------
+    ndarray of shape (n, H, W), or a list of arrays when sizes differ
+        NaN outside an analysed centre crop.
+    """
+    out = [
+        preprocessing.to_input_frame(torch.from_numpy(m[None]), shape)[0].numpy()
+        for m, shape in zip(maps, shapes)
+    ]
+    if len({o.shape for o in out}) == 1:
+        return np.stack(out)
+    return out
 
 
 def image_scores(maps):

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import warnings
 
+from .exceptions import SkpadimVersionWarning
+
 # Bump when the pickled state of an estimator changes incompatibly.
 STATE_FORMAT = 1
-
-
-class SkpadimVersionWarning(UserWarning):
-    """A model saved by another skpadim version was loaded."""
 
 
 class VersionedStateMixin:

@@ -115,13 +115,26 @@ def test_mahalanobis_matches_explicit_inverse(n_samples):
 def test_two_d_input_is_a_single_gaussian():
     rng = np.random.default_rng(5)
     X = rng.normal(size=(300, 3))
-    det = PatchGaussian(contamination=0.1).fit(X)
+    det = PatchGaussian(epsilon=1e-9).fit(X)
     assert det.location_.shape == (1, 3)
-    assert det.mahalanobis(X).shape == (300,)
-    assert np.mean(det.predict(X) == -1) == pytest.approx(0.1, abs=0.01)
-    np.testing.assert_array_equal(
-        det.predict(X), np.where(det.decision_function(X) >= 0, 1, -1)
-    )
+    # Against sklearn's own single Gaussian (it returns squared distances).
+    from sklearn.covariance import EmpiricalCovariance
+
+    reference = EmpiricalCovariance().fit(X)
+    n = len(X)
+    # sklearn's covariance is the biased one (divided by n, ours by n - 1).
+    expected = np.sqrt(reference.mahalanobis(X) * (n - 1) / n)
+    np.testing.assert_allclose(det.mahalanobis(X), expected, rtol=1e-4)
+    np.testing.assert_allclose(det.score_samples(X), -expected, rtol=1e-4)
+
+
+def test_the_head_has_no_threshold():
+    # The detectors own contamination / offset_ / predict (EmpiricalCovariance
+    # vs EllipticEnvelope).
+    head = PatchGaussian().fit(np.random.default_rng(0).normal(size=(20, 2)))
+    assert "contamination" not in head.get_params()
+    for name in ("offset_", "predict", "decision_function"):
+        assert not hasattr(head, name)
 
 
 def test_pickle_stores_half_the_factor_and_scores_identically():

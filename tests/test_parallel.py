@@ -16,10 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from skpadim import PadimDetector, PatchMoments, _features, _memory
-from skpadim._detector import _merge_pairwise
+from skpadim import PadimDetector, PatchMoments, _features, _resources
 from skpadim._images import check_images
-from skpadim._memory import check_statistics_memory, statistics_nbytes
+from skpadim._parallel import tree_reduce
 
 from conftest import SMALL, smooth_texture
 
@@ -132,7 +131,7 @@ def test_moments_of_any_split_merge_to_the_whole(samples, seed):
     before = [part.copy() for part in parts]
 
     shuffled = [parts[i] for i in rng.permutation(len(parts))]
-    assert_moments_close(_merge_pairwise(shuffled), whole)
+    assert_moments_close(tree_reduce(shuffled, PatchMoments.merge), whole)
     assert_moments_close(merge_in_random_order(parts, rng), whole)
     folded = parts[-1]
     for part in parts[-2::-1]:
@@ -342,50 +341,60 @@ def test_invalid_precision_is_refused_before_the_backbone(
 SMALL_POSITIONS, SMALL_DIMS = 16 * 16, SMALL["n_features"]
 
 
-def test_statistics_nbytes_matches_a_fitted_model(serial):
+def padim_nbytes(n_positions, n_features, n_jobs=1):
+    """The PaDiM statistics, counted by hand: a float64 scatter per job and
+    the float32 whitening factor, per position and pair of features."""
+    return n_positions * n_features**2 * (8 * n_jobs + 4)
+
+
+def test_statistics_estimate_matches_a_fitted_model(serial):
     gaussian = serial.gaussian_
     n_positions, n_dims = gaussian.location_.shape
-    assert (n_positions, n_dims) == (SMALL_POSITIONS, SMALL_DIMS)
     held = (
         gaussian.moments_.scatter.numel() * gaussian.moments_.scatter.element_size()
         + gaussian.whitening_.nbytes
     )
-    assert statistics_nbytes(n_positions, n_dims) == held
-    # The figure in the performance guide: 56 x 56 positions, d = 100,
-    # 251 MB of float64 scatters + 125 MB of float32 factors.
-    assert statistics_nbytes(56 * 56, 100) == 376_320_000
+    assert padim_nbytes(n_positions, n_dims) == held
+    assert PadimDetector()._fit_nbytes((16, 16), n_dims, 10) == held
+    # Two jobs hold two float64 scatters at once.
+    two = PadimDetector(n_jobs=2)._fit_nbytes((16, 16), n_dims, 10)
+    assert two == padim_nbytes(n_positions, n_dims, n_jobs=2)
 
 
 @pytest.mark.parametrize("method", ["fit", "partial_fit"])
 def test_memory_guard_refuses_before_the_backbone(monkeypatch, train, method):
-    needed = statistics_nbytes(SMALL_POSITIONS, SMALL_DIMS)
-    monkeypatch.setattr(_memory, "available_memory", lambda device: needed // 4)
+    needed = padim_nbytes(SMALL_POSITIONS, SMALL_DIMS)
+    monkeypatch.setattr(_resources, "available_memory", lambda device: needed // 4)
     monkeypatch.setattr(_features, "build_feature_network", refuse_network)
     with pytest.raises(ValueError, match="Reduce n_features") as info:
         getattr(PadimDetector(**SMALL), method)(train)
     message = str(info.value)
-    assert "16x16 positions x 16^2 features x 12 bytes" in message
-    # A quarter of the memory fits half the features, less a 10 % margin.
-    assert "about 7 would fit" in message
+    assert "16x16 grid of 16 features" in message
     assert "on cpu" in message
 
 
-def test_memory_guard_lets_a_fit_that_fits_through(monkeypatch, train):
-    needed = statistics_nbytes(SMALL_POSITIONS, SMALL_DIMS)
-    monkeypatch.setattr(_memory, "available_memory", lambda device: needed)
+def test_memory_guard_counts_activations_per_job(monkeypatch, train):
+    # Enough for the statistics, not for 4 jobs' activations at batch 512.
+    needed = padim_nbytes(SMALL_POSITIONS, SMALL_DIMS)
+    monkeypatch.setattr(_resources, "available_memory", lambda d: 3 * needed)
     monkeypatch.setattr(_features, "build_feature_network", refuse_network)
-    # Exactly enough memory: the guard passes and the backbone is built next.
+    with pytest.raises(ValueError, match="x 4 jobs"):
+        PadimDetector(**{**SMALL, "batch_size": 512}, n_jobs=4).fit(train)
+
+
+def test_memory_guard_lets_a_fit_that_fits_through(monkeypatch, train):
+    monkeypatch.setattr(_resources, "available_memory", lambda device: 2**40)
+    monkeypatch.setattr(_features, "build_feature_network", refuse_network)
+    # Enough memory: the guard passes and the backbone is built next.
     with pytest.raises(AssertionError, match="must not be built"):
         PadimDetector(**SMALL).fit(train)
 
 
-def test_memory_guard_rounds_the_grid_up_and_passes_when_memory_is_unknown(
-    monkeypatch,
-):
-    monkeypatch.setattr(_memory, "available_memory", lambda device: None)
-    # A 65 x 64 frame gives a 17 x 16 grid at stride 4 (resnet18 pads).
-    needed = check_statistics_memory((65, 64), 4, 10, torch.device("cpu"))
-    assert needed == statistics_nbytes(17 * 16, 10)
+def test_memory_guard_passes_when_memory_is_unknown(monkeypatch, train):
+    monkeypatch.setattr(_resources, "available_memory", lambda device: None)
+    monkeypatch.setattr(_features, "build_feature_network", refuse_network)
+    with pytest.raises(AssertionError, match="must not be built"):
+        PadimDetector(**SMALL).fit(train)
 
 
 # --------------------------------------------------------------- prefetching

@@ -125,3 +125,19 @@ def test_other_version_warns_and_other_format_fails(pretrained):
         PadimDetector.__new__(PadimDetector).__setstate__(
             {**state, "_skpadim_state_format": 99}
         )
+
+
+def test_a_model_saved_by_release_0_1_loads_and_scores_identically():
+    # tests/data holds a PadimDetector pickled by skpadim 0.1.0.dev0 (class
+    # path skpadim._detector.PadimDetector, a PatchGaussian with a threshold)
+    # and the scores and maps that release computed for three images.
+    import pathlib
+
+    data = pathlib.Path(__file__).parent / "data"
+    expected = np.load(data / "padim_0.1.0.dev0_expected.npz")
+    with pytest.warns(SkpadimVersionWarning, match="saved by skpadim 0.1.0.dev0"):
+        det = joblib.load(data / "padim_0.1.0.dev0.joblib")
+    assert det.offset_ == float(expected["offset"])
+    np.testing.assert_array_equal(det.score_samples(expected["X"]), expected["scores"])
+    np.testing.assert_array_equal(det.anomaly_maps(expected["X"]), expected["maps"])
+    assert "contamination" not in det.gaussian_.__dict__

@@ -1,0 +1,96 @@
+"""A bounded cache of a fit's embeddings, so the backbone runs once per image.
+
+Fitting needs the training embeddings twice: once to fit the head, once to
+score the training images for the threshold. Running the backbone again costs
+as much as the first pass; keeping every embedding in RAM is what makes peers'
+fits die on large training sets. This cache keeps batches in memory up to a
+byte budget and spills the rest to a temporary directory, deleted on close.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import sklearn
+import torch
+
+
+def cache_budget():
+    """Bytes of embeddings kept in RAM: scikit-learn's ``working_memory``.
+
+    Change it with ``sklearn.set_config(working_memory=MiB)`` or, for one
+    fit, ``with sklearn.config_context(working_memory=MiB): det.fit(X)``.
+    """
+    return int(sklearn.get_config()["working_memory"]) * 2**20
+
+
+def _nbytes(features):
+    if isinstance(features, torch.Tensor):
+        return features.numel() * features.element_size()
+    return sum(_nbytes(part) for part in features)
+
+
+def _to_cpu(features):
+    if isinstance(features, torch.Tensor):
+        return features.cpu()
+    return [_to_cpu(part) for part in features]
+
+
+class FeatureCache:
+    """Batches of features (tensors or lists of tensors) in order, bounded in RAM.
+
+    Parameters
+    ----------
+    budget : int or None, default=None
+        Bytes kept in memory; None uses :func:`cache_budget`. Batches beyond
+        it go to files in a private temporary directory.
+    device : torch.device or None, default=None
+        Where batches read back from files are put (None: the CPU).
+    """
+
+    def __init__(self, budget=None, device=None):
+        self.budget = cache_budget() if budget is None else budget
+        self.device = device
+        self._entries = []  # ("mem", features) or ("file", path)
+        self._in_memory = 0
+        self._directory = None
+        self.spilled_bytes = 0
+
+    def append(self, features):
+        """Store one batch (moved to the CPU when spilled)."""
+        size = _nbytes(features)
+        if self._in_memory + size <= self.budget:
+            self._entries.append(("mem", features))
+            self._in_memory += size
+            return
+        if self._directory is None:
+            self._directory = tempfile.TemporaryDirectory(prefix="skpadim_cache_")
+        path = os.path.join(self._directory.name, f"{len(self._entries)}.pt")
+        torch.save(_to_cpu(features), path)
+        self._entries.append(("file", path))
+        self.spilled_bytes += size
+
+    def __iter__(self):
+        for where, item in self._entries:
+            if where == "mem":
+                yield item
+            else:
+                yield torch.load(item, map_location=self.device, weights_only=True)
+
+    def __len__(self):
+        return len(self._entries)
+
+    def close(self):
+        """Drop the batches and delete the spill files."""
+        self._entries = []
+        self._in_memory = 0
+        if self._directory is not None:
+            self._directory.cleanup()
+            self._directory = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
