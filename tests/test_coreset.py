@@ -41,19 +41,25 @@ def test_within_twice_the_optimal_radius(seed):
     assert_farthest_point_run(points, selected.tolist())
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_projected_run_is_greedy_in_projected_space(seed, monkeypatch):
+@pytest.fixture
+def projections(monkeypatch):
+    """The projection matrices k_center_greedy draws, in order."""
     used = []
+    make = coreset._projection_matrix
 
     def spy(*args):
         used.append(make(*args))
         return used[-1]
 
-    make = coreset._projection_matrix
     monkeypatch.setattr(coreset, "_projection_matrix", spy)
+    return used
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_projected_run_is_greedy_in_projected_space(seed, projections):
     x = features(seed, n=60, d=16)
     selected = k_center_greedy(x, 12, projection_dim=5, random_state=seed)
-    (projection,) = used
+    projection = projections[0]
     assert projection.shape == (16, 5)
     projected = x.double().numpy() @ projection.double().numpy()
     assert_farthest_point_run(projected, selected.tolist())
@@ -110,6 +116,18 @@ def test_projection_dim_at_least_features_means_no_projection():
     plain = k_center_greedy(x, 7, projection_dim=None, random_state=5)
     assert torch.equal(k_center_greedy(x, 7, projection_dim=4, random_state=5), plain)
     assert torch.equal(k_center_greedy(x, 7, projection_dim=99, random_state=5), plain)
+
+
+@pytest.mark.parametrize("projection_dim", [None, 2])
+def test_far_from_the_origin(projection_dim, projections):
+    # A large common offset (as non-negative CNN features have) would swamp
+    # |z|^2 + |c|^2 - 2 z.c in float32 without centring.
+    x = 1e4 + features(4, n=40, d=3)
+    selected = k_center_greedy(x, 10, projection_dim=projection_dim)
+    points = x.double().numpy()
+    if projections:
+        points = points @ projections[0].double().numpy()
+    assert_farthest_point_run(points, selected.tolist(), rtol=1e-3)
 
 
 def test_duplicates_give_distinct_indices():
