@@ -1,11 +1,50 @@
 """Image inputs: validation, lazy loading and preprocessing.
 
 Everything a user may pass as ``X`` goes through :func:`check_images`, which
-does only cheap checks (types, shapes, value ranges, file existence) so that
-bad input fails before any network is built. Pixels are read lazily, one batch
-at a time, by :meth:`ImageSet.batches`; :class:`Preprocessing` turns a batch
-into the normalised float tensor the backbone expects and knows how to map a
+does only cheap checks (types, shapes, value ranges of arrays, file existence)
+so that bad input fails before any network is built; it never decodes the
+pixels of a file. Pixels are read lazily, one batch at a time, by
+:meth:`ImageSet.batches`; :class:`Preprocessing` turns a batch into the
+normalised float tensor the backbone expects and knows how to map a
 model-frame anomaly map back onto the image the user passed in.
+
+How pixels are read
+-------------------
+Every image becomes float32 RGB in [0, 1]; grayscale is replicated to three
+channels.
+
+* Arrays: uint8 is divided by 255, uint16 by 65535, and floats must already lie
+  in [0, 1]. Other dtypes (bool, signed or wider integers, complex, object) are
+  refused with a TypeError, since they have no standard full-scale value.
+* A stacked array is a batch: (n, H, W) grayscale or (n, H, W, C) with C in
+  {1, 3}. A 3-D array whose last axis has length 3 or 4 looks like one RGB(A)
+  image without its batch axis and is refused as ambiguous: pass ``X[None]``
+  for one image, ``X[..., None]`` for grayscale images of width 3. Each item of
+  a list is one image, (H, W) or (H, W, C) with C in {1, 3}. Arrays with an
+  alpha channel (C = 4) are refused: drop it with ``X[..., :3]``.
+* Files and PIL images are read by one function, so a path and the PIL image
+  opened from it give the same pixels. Only the first frame of a multi-frame
+  file is read (the current frame of a PIL image). By Pillow mode: "1" gives
+  0 or 1; "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB" and "HSV" are
+  converted to 8-bit RGB by Pillow and divided by 255 (embedded ICC profiles
+  are ignored; CMYK uses Pillow's plain formula); "LA", "PA" and "RGBA" lose
+  their alpha channel, keeping the colours as stored (not composited onto a
+  background); "La" and "RGBa" are un-premultiplied first; "I;16", "I;16L",
+  "I;16B" and "I;16N" are divided by 65535; "I" (32-bit integer) is read as
+  16-bit data, divided by 65535, and refused when a value lies outside
+  0-65535; "F" (32-bit float) must hold values in [0, 1]. Pillow itself
+  reduces 16-bit colour PNGs to 8 bits per channel.
+* The EXIF Orientation tag of a file or PIL image is applied, as
+  :func:`PIL.ImageOps.exif_transpose` does, so the image is scored the way a
+  viewer shows it, and its (height, width) is the upright one. Only the tag
+  the header carries is used (for a PNG, an eXIf chunk before the pixel data,
+  where Pillow and other writers put it), so shapes are known without
+  decoding.
+* A file whose content cannot be decoded raises a ValueError naming the file,
+  whatever Pillow raised (unidentified format, truncated data, its
+  decompression-bomb limit ``PIL.Image.MAX_IMAGE_PIXELS``, ...). A file the
+  system cannot read at all (deleted, permission denied, disk error) raises the
+  system's OSError, which names it.
 """
 
 from __future__ import annotations
@@ -16,16 +55,30 @@ import os
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import ExifTags, Image
 
 _PATH_TYPES = (str, os.PathLike)
 # Threads decoding image files; decoding is I/O and C code, so a few suffice.
 _LOADER_THREADS = min(4, os.cpu_count() or 1)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_DTYPES = "uint8 (0-255), uint16 (0-65535) or float (0-1)"
+# How to bring each stored EXIF orientation upright, on a (H, W[, C]) array;
+# the same transposes as PIL.ImageOps.exif_transpose.
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
 
 
 class ImageSet:
@@ -38,8 +91,8 @@ class ImageSet:
     kind : {"array", "arrays", "paths", "pil"}
         What the user passed.
     shapes : list of (int, int) or None
-        The (height, width) of every image when known without reading pixels
-        (arrays and PIL images); None for paths.
+        The upright (height, width) of every image when known without reading
+        files (arrays and PIL images); None for paths.
     """
 
     def __init__(self, items, kind, shapes):
@@ -51,7 +104,7 @@ class ImageSet:
         return len(self._items)
 
     def image_shapes(self, limit=None):
-        """(height, width) of the first ``limit`` images (all when None).
+        """Upright (height, width) of the first ``limit`` images (all when None).
 
         For files only the headers are read, not the pixels.
         """
@@ -92,76 +145,222 @@ class ImageSet:
 
     def _load(self, item):
         if self.kind == "paths":
-            item = _read_image_file(item)
-        elif self.kind == "pil":
-            item = np.asarray(item.convert("RGB"))
+            return _read_image_file(item)
+        if self.kind == "pil":
+            return _read_pil_image(item)
         return _to_rgb_float(item)
 
 
-def _read_image_file(path):
+# --- Files and PIL images -------------------------------------------------
+
+
+class _PixelError(ValueError):
+    """Decoded pixels that break a documented reading rule."""
+
+
+@contextmanager
+def _decoding_errors(source):
+    """Turn whatever decoding ``source`` raises into a ValueError naming it.
+
+    Pillow and its format plugins raise many unrelated types (OSError,
+    SyntaxError, DecompressionBombError, struct.error, ...), so all are caught;
+    the system's own I/O failures (they carry an errno) and MemoryError pass.
+    """
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as exc:
+        yield
+    except _PixelError as exc:
+        raise ValueError(f"Could not read {source}: {exc}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise
         raise ValueError(
-            f"Could not read image file {os.fspath(path)!r}: expected an image "
-            f"that PIL can open ({exc})."
+            f"Could not read {source}: expected an image that Pillow can decode; "
+            f"{_describe_failure(exc)}"
         ) from exc
+
+
+def _describe_failure(exc):
+    what = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, Image.DecompressionBombError):
+        what += (
+            " (Pillow's decompression-bomb safety limit, PIL.Image.MAX_IMAGE_PIXELS"
+            f" = {Image.MAX_IMAGE_PIXELS}; raise it if you trust the file)"
+        )
+    return what
+
+
+def read_image(source):
+    """Read one image file or PIL image exactly as the detectors see it.
+
+    For code that shows an image next to its anomaly map (plots, overlays):
+    the map has the shape of this array, EXIF orientation included.
+
+    Parameters
+    ----------
+    source : str, path-like or PIL.Image.Image
+        The image.
+
+    Returns
+    -------
+    image : ndarray of shape (H, W, 3), float32
+        Upright RGB in [0, 1], read by the rules of this module's docstring.
+    """
+    if isinstance(source, Image.Image):
+        return _read_pil_image(source)
+    return _read_image_file(source)
+
+
+def _read_image_file(path):
+    """Decode an image file to upright float32 RGB in [0, 1]."""
+    source = f"image file {os.fspath(path)!r}"
+    with _decoding_errors(source), Image.open(path) as image:
+        return _decode(image)
+
+
+def _read_pil_image(image):
+    """Decode a PIL image exactly as :func:`_read_image_file` decodes a file."""
+    with _decoding_errors(f"PIL image {_describe_pil(image)}"):
+        return _decode(image)
+
+
+def _describe_pil(image):
+    filename = getattr(image, "filename", "")
+    if filename:
+        return f"from file {os.fspath(filename)!r}"
+    return f"of mode {image.mode!r} and size {image.width}x{image.height}"
 
 
 def read_image_shape(path):
-    """(height, width) of an image file, from its header only."""
-    try:
-        with Image.open(path) as image:
-            return image.height, image.width
-    except (OSError, ValueError) as exc:
-        raise ValueError(
-            f"Could not read image file {os.fspath(path)!r}: expected an image "
-            f"that PIL can open ({exc})."
-        ) from exc
+    """Upright (height, width) of an image file, from its header only."""
+    source = f"image file {os.fspath(path)!r}"
+    with _decoding_errors(source), Image.open(path) as image:
+        return _upright_shape(image)
+
+
+def _upright_shape(image):
+    height, width = image.height, image.width
+    return (width, height) if _orientation(image) in (5, 6, 7, 8) else (height, width)
+
+
+def _orientation(image):
+    """The EXIF Orientation (1-8) the header declares; 1 when absent or invalid."""
+    # The base-class method reads only what the header gave; PNG's override
+    # would decode every pixel to look for an eXIf chunk after the data.
+    value = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+    return value if isinstance(value, int) and value in _UPRIGHT else 1
+
+
+def _decode(image):
+    """Upright float32 RGB in [0, 1] from an open PIL image of any mode."""
+    orientation = _orientation(image)  # before loading: see _orientation
+    pixels = _mode_pixels(image)
+    if pixels.size == 0:
+        raise _PixelError(f"the image is empty (shape {pixels.shape}).")
+    if orientation in _UPRIGHT:
+        pixels = _UPRIGHT[orientation](pixels)
+    return _to_rgb_float(pixels)
+
+
+def _mode_pixels(image):
+    """(H, W) or (H, W, 3) uint8, uint16 or float32 pixels, at full fidelity."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        return np.asarray(image).astype(np.uint16)  # also fixes big-endian
+    if mode == "I":
+        return _sixteen_bit(np.asarray(image))
+    if mode == "F":
+        pixels = np.asarray(image)
+        problem = _unit_interval_problem(pixels, "mode 'F' (32-bit float) pixels")
+        if problem:
+            raise _PixelError(problem)
+        return pixels
+    if mode in ("1", "L"):
+        return np.asarray(image.convert("L"))
+    if mode in ("LA", "La"):
+        return np.asarray(image.convert("LA"))[:, :, 0]
+    if mode in ("P", "PA"):
+        # Via RGBA: Pillow warns when a palette with transparency goes to RGB.
+        return np.asarray(image.convert("RGBA"))[:, :, :3]
+    return np.asarray(image.convert("RGB"))
+
+
+def _sixteen_bit(pixels):
+    """Mode "I" holds 16-bit data in practice (e.g. 16-bit PNGs, older Pillow)."""
+    low, high = int(pixels.min(initial=0)), int(pixels.max(initial=0))
+    if low < 0 or high > 65535:
+        raise _PixelError(
+            f"mode 'I' (32-bit integer) pixels are read as 16-bit data and must "
+            f"lie in 0-65535; got values in [{low}, {high}]."
+        )
+    return pixels.astype(np.uint16)
+
+
+# --- Arrays ---------------------------------------------------------------
 
 
 def _to_rgb_float(image):
-    """(H, W), (H, W, 1) or (H, W, 3), uint8 or float in [0, 1] -> float32 RGB."""
+    """(H, W), (H, W, 1) or (H, W, 3) uint8, uint16 or float in [0, 1] -> RGB."""
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[:, :, None]
+    if _is_scaled_integer(image.dtype):
+        image = image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max)
+    else:
+        image = image.astype(np.float32, copy=False)
     if image.shape[2] == 1:
         # Grayscale: replicate so ImageNet backbones see what they were trained on.
         image = np.repeat(image, 3, axis=2)
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    return image.astype(np.float32, copy=False)
+    return image
+
+
+def _is_scaled_integer(dtype):
+    return dtype.kind == "u" and dtype.itemsize in (1, 2)
 
 
 def _check_array_pixels(image, what):
-    """Shape, dtype and range checks for one image or a stack of images."""
-    if image.dtype == np.uint8:
+    """Dtype and range checks for one image or a stack of images."""
+    _check_dtype(image.dtype, what)
+    if image.size and image.dtype.kind == "f":
+        hint = " Divide by 255 or pass uint8."
+        problem = _unit_interval_problem(image, f"float {what}", hint)
+        if problem:
+            raise ValueError(problem)
+
+
+def _check_dtype(dtype, what):
+    if _is_scaled_integer(dtype) or np.issubdtype(dtype, np.floating):
         return
-    if not np.issubdtype(image.dtype, np.floating):
-        raise TypeError(
-            f"{what} must have dtype uint8 (0-255) or float (0-1); got {image.dtype}."
+    hint = ""
+    if dtype.kind in "iu":
+        hint = (
+            " Other integer dtypes have no standard full-scale value: convert, "
+            "e.g. X.astype(np.uint8) if the values are 0-255."
         )
-    if image.size == 0:
-        raise ValueError(f"{what} is empty; got shape {image.shape}.")
-    low, high = float(np.min(image)), float(np.max(image))
+    raise TypeError(
+        f"{what[:1].upper()}{what[1:]} must have dtype {_DTYPES}; got {dtype}.{hint}"
+    )
+
+
+def _unit_interval_problem(pixels, what, hint=""):
+    """Why float ``pixels`` break the [0, 1] convention, or None."""
+    low, high = float(np.min(pixels)), float(np.max(pixels))
     if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError(f"{what} contains NaN or infinity; expected finite pixels.")
+        return f"Found NaN or infinity in {what}; expected finite pixels."
     if low < 0.0 or high > 1.0:
-        raise ValueError(
-            f"Float {what} must hold values in [0, 1]; got values in "
-            f"[{low:.4g}, {high:.4g}]. Divide by 255 or pass uint8."
+        return (
+            f"Values of {what} must lie in [0, 1]; got values in "
+            f"[{low:.4g}, {high:.4g}].{hint}"
         )
+    return None
 
 
-def _check_channels(shape, what, expected_ndim):
-    if len(shape) == expected_ndim - 1:
-        return
-    if len(shape) != expected_ndim or shape[-1] not in (1, 3):
-        layout = "(n, H, W) or (n, H, W, C)" if expected_ndim == 4 else "(H, W[, C])"
-        raise ValueError(
-            f"{what} must have shape {layout} with C in {{1, 3}}; got shape {shape}."
-        )
+def _channel_error(what, layout, shape):
+    hint = " Drop an alpha channel with [..., :3]." if shape[-1] == 4 else ""
+    return ValueError(
+        f"{what} must have shape {layout} with C in {{1, 3}}; got shape {shape}.{hint}"
+    )
 
 
 def _check_stack(X):
@@ -170,11 +369,30 @@ def _check_stack(X):
             f"An image array must have shape (n, H, W) or (n, H, W, C); got "
             f"{X.ndim}-d array of shape {X.shape}."
         )
-    _check_channels(X.shape, "An image array", 4)
+    if X.ndim == 3 and X.shape[2] in (3, 4):
+        raise _ambiguous_stack_error(X.shape)
+    if X.ndim == 4 and X.shape[3] not in (1, 3):
+        raise _channel_error("An image array", "(n, H, W) or (n, H, W, C)", X.shape)
     if min(X.shape[1:3]) < 1:
         raise ValueError(f"Images must be at least 1x1 pixels; got shape {X.shape}.")
     _check_array_pixels(X, "images")
     return ImageSet(X, "array", [X.shape[1:3]] * len(X))
+
+
+def _ambiguous_stack_error(shape):
+    """Like scikit-learn's "Reshape your data" error for 1-D input."""
+    height, width, channels = shape
+    colour = "RGB" if channels == 3 else "RGBA"
+    fix = "X[None]" if channels == 3 else "X[None, ..., :3]"
+    return ValueError(
+        f"Expected a batch of images; got an array of shape {shape}, which looks "
+        f"like a single {colour} image without its batch axis. Reshape your data: "
+        f"for one {colour} image pass {fix} (shape (1, {height}, {width}, 3)); "
+        f"for a batch of grayscale images of width {channels} pass X[..., None]."
+    )
+
+
+# --- Lists and the entry point ----------------------------------------------
 
 
 def _check_list(X):
@@ -195,12 +413,33 @@ def _check_list(X):
             )
         return ImageSet(list(X), "paths", None)
     if kind == "pil":
-        return ImageSet(list(X), "pil", [(im.height, im.width) for im in X])
+        return ImageSet(list(X), "pil", [_check_pil(im, i) for i, im in enumerate(X)])
     images = [np.asarray(im) for im in X]
+    # Shapes first: they are cheap, pixel ranges need a pass over the data.
     for i, image in enumerate(images):
-        _check_channels(image.shape, f"Image {i} of the list", 3)
+        _check_item_shape(image.shape, i)
+    for i, image in enumerate(images):
         _check_array_pixels(image, f"image {i} of the list")
     return ImageSet(images, "arrays", [im.shape[:2] for im in images])
+
+
+def _check_item_shape(shape, i):
+    what = f"Image {i} of the list"
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)):
+        raise _channel_error(what, "(H, W) or (H, W, C)", shape)
+    if min(shape[:2]) < 1:
+        raise ValueError(f"{what} is empty: shape {shape}; expected at least 1x1.")
+
+
+def _check_pil(image, i):
+    """Upright (height, width) of a PIL image, from its header only."""
+    if image.width < 1 or image.height < 1:
+        raise ValueError(
+            f"PIL image {i} of the list is empty: size {image.width}x"
+            f"{image.height}; expected at least 1x1."
+        )
+    with _decoding_errors(f"PIL image {i} of the list"):
+        return _upright_shape(image)
 
 
 def _item_kind(item):
@@ -216,18 +455,35 @@ def _item_kind(item):
 def check_images(X, *, min_samples=1):
     """Validate ``X`` cheaply and wrap it in an :class:`ImageSet`.
 
+    Only types, shapes, array values and file existence are checked here; the
+    pixels of files are read later, batch by batch.
+
     Parameters
     ----------
     X : ndarray of shape (n, H, W) or (n, H, W, C), or list
-        Images as a uint8 (0-255) or float (0-1) array with C in {1, 3}, or a
-        list of such arrays (sizes may differ), of image file paths or of PIL
-        images.
+        A batch of images as an array of dtype uint8 (0-255), uint16 (0-65535)
+        or float (0-1) with C in {1, 3}; or a list of single images, all numpy
+        arrays of shape (H, W) or (H, W, C) (sizes may differ), all image file
+        paths or all PIL images. A 3-D array whose last axis has length 3 or 4
+        is refused as ambiguous: pass ``X[None]`` for one RGB image, or
+        ``X[..., None]`` for a batch of grayscale images of width 3. Arrays
+        with an alpha channel are refused; files and PIL images with one lose
+        it. Files and PIL images are turned upright by their EXIF Orientation
+        tag. See the module docstring for how each Pillow mode is read.
     min_samples : int, default=1
         The fewest images accepted.
 
     Returns
     -------
     images : ImageSet
+
+    Raises
+    ------
+    TypeError
+        For an unsupported container or array dtype.
+    ValueError
+        For bad shapes, empty images, out-of-range values or missing files.
+        A file that cannot be decoded raises ValueError when it is read.
     """
     if isinstance(X, ImageSet):
         images = X
