@@ -98,8 +98,11 @@ class BaseImageDetector(
         """Fit the head on validated images; return ``(head, cache)``.
 
         ``previous`` is the fitted head to update (``partial_fit``). ``cache``
-        is a :class:`FeatureCache` of the images' features in order (or None),
-        reused to score the training images without a second backbone pass.
+        is what ``_training_scores`` needs besides the head: by default a
+        :class:`FeatureCache` of the images' features in order, reused to
+        score the training images without a second backbone pass, or None
+        (the images are embedded again). It is closed after use if it has a
+        ``close`` method.
         """
 
     def _fit_nbytes(self, grid_shape, n_features, n_images):
@@ -228,7 +231,7 @@ class BaseImageDetector(
         try:
             scores = self._training_scores(images, extractor, head, frame_shape, cache)
         finally:
-            if cache is not None:
+            if hasattr(cache, "close"):
                 cache.close()
         seen = 0 if previous is None else self.n_samples_seen_
         earlier = np.empty(0) if previous is None else self.train_scores_

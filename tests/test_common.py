@@ -1,9 +1,11 @@
-"""scikit-learn's estimator checks on every public estimator.
+"""The family's contract: scikit-learn's estimator checks on every estimator.
 
-PatchGaussian takes tables and passes the whole suite. PadimDetector and
-PatchFeatureExtractor take images, so the checks that feed them 2-D tables
-are expected to fail at input validation; each is mapped to an image-native
-test below that checks the same property on images.
+The heads that take tables (PatchGaussian, PatchMemoryBank) pass the whole
+suite. The detectors and PatchFeatureExtractor take images, so the checks that
+feed them 2-D tables are expected to fail at input validation; each is mapped
+to an image-native test below that checks the same property on images, run
+over every detector of the family (``DETECTORS``): a new detector added there
+inherits the whole contract.
 """
 
 import sys
@@ -16,7 +18,15 @@ from sklearn.pipeline import make_pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from sklearn.utils.validation import check_is_fitted
 
-from skpadim import PadimDetector, PatchFeatureExtractor, PatchGaussian
+from skpadim import (
+    GaussianADDetector,
+    PadimDetector,
+    PatchCoreDetector,
+    PatchFeatureExtractor,
+    PatchGaussian,
+    PatchMemoryBank,
+    SpadeDetector,
+)
 
 from conftest import smooth_texture
 
@@ -28,6 +38,19 @@ SMALL = dict(
     random_state=0,
     device="cpu",
 )
+
+# Every detector of the family, with its small test setup.
+DETECTORS = {
+    PadimDetector: {},
+    PatchCoreDetector: {"coreset_size": 0.5},
+    SpadeDetector: {"n_neighbors": 3},
+    GaussianADDetector: {},
+}
+
+
+def small(cls):
+    """The small, fast setup of an estimator class."""
+    return {**SMALL, **DETECTORS.get(cls, {})}
 
 # check name -> the image-native test (in this module) of the same property.
 IMAGE_NATIVE = {
@@ -68,7 +91,7 @@ IMAGE_NATIVE = {
 
 
 def expected_failed_checks(estimator):
-    if isinstance(estimator, PatchGaussian):
+    if isinstance(estimator, (PatchGaussian, PatchMemoryBank)):
         return {}
     return {
         check: f"feeds a 2-D table; the same property on images: {test}"
@@ -77,8 +100,16 @@ def expected_failed_checks(estimator):
 
 
 @parametrize_with_checks(
-    [PatchGaussian(), PadimDetector(**SMALL), PatchFeatureExtractor(**SMALL)],
+    [
+        PatchGaussian(),
+        PatchMemoryBank(random_state=0),
+        PatchFeatureExtractor(**SMALL),
+        *(cls(**small(cls)) for cls in DETECTORS),
+    ],
     expected_failed_checks=expected_failed_checks,
+    # An expected failure that passes is an error: the map above must say
+    # exactly which checks images cannot take.
+    xfail_strict=True,
 )
 def test_sklearn_compatible_estimator(estimator, check):
     check(estimator)
@@ -91,31 +122,31 @@ def test_every_mapped_check_has_its_image_native_test():
 
 # ------------------------------------------------------------------ images
 X = smooth_texture(np.random.default_rng(0), 10, size=32)
-ESTIMATORS = [PadimDetector, PatchFeatureExtractor]
+ESTIMATORS = [*DETECTORS, PatchFeatureExtractor]
 
 
 def _output(est, X):
-    if isinstance(est, PadimDetector):
+    if hasattr(est, "score_samples"):
         return est.score_samples(X)
     return est.transform(X)
 
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_fit_returns_self(cls):
-    est = cls(**SMALL)
+    est = cls(**small(cls))
     assert est.fit(X) is est
 
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_fit_accepts_and_ignores_y(cls):
-    a = cls(**SMALL).fit(X)
-    b = cls(**SMALL).fit(X, np.arange(len(X)))
+    a = cls(**small(cls)).fit(X)
+    b = cls(**small(cls)).fit(X, np.arange(len(X)))
     np.testing.assert_array_equal(_output(a, X), _output(b, X))
 
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_fit_leaves_params_alone(cls):
-    est = cls(**SMALL)
+    est = cls(**small(cls))
     before = clone(est).get_params()
     est.fit(X)
     assert est.get_params() == before
@@ -123,14 +154,14 @@ def test_fit_leaves_params_alone(cls):
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_fit_idempotent(cls):
-    est = cls(**SMALL)
+    est = cls(**small(cls))
     first = _output(est.fit(X), X)
     np.testing.assert_array_equal(_output(est.fit(X), X), first)
 
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_check_is_fitted(cls):
-    est = cls(**SMALL)
+    est = cls(**small(cls))
     with pytest.raises(NotFittedError):
         check_is_fitted(est)
     check_is_fitted(est.fit(X))
@@ -138,7 +169,7 @@ def test_check_is_fitted(cls):
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_dtypes_layouts_and_readonly_memmaps(cls, tmp_path):
-    est = cls(**SMALL).fit(X)
+    est = cls(**small(cls)).fit(X)
     expected = _output(est, X)
     memmap = np.lib.format.open_memmap(
         tmp_path / "x.npy", mode="w+", shape=X.shape, dtype=X.dtype
@@ -149,29 +180,30 @@ def test_dtypes_layouts_and_readonly_memmaps(cls, tmp_path):
         np.testing.assert_allclose(
             _output(est, variant), expected, rtol=1e-4, atol=1e-5
         )
-    cls(**SMALL).fit(readonly)  # fitting on a read-only memmap works too
+    cls(**small(cls)).fit(readonly)  # fitting on a read-only memmap works too
 
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_image_shape_bookkeeping(cls):
-    est = cls(**SMALL).fit(X)
+    est = cls(**small(cls)).fit(X)
     # Inputs of any size are resized to the fitted frame; outputs follow it.
     bigger = smooth_texture(np.random.default_rng(1), 2, size=48)
     out = _output(est, bigger)
     assert out.shape[0] == 2
-    if isinstance(est, PadimDetector):
-        assert est.frame_shape_ == (32, 32)
-        assert est.gaussian_.feature_shape_ == (8, 8, 8)
-        assert est.anomaly_maps(bigger).shape == (2, 48, 48)
-    else:
+    if cls is PatchFeatureExtractor:
         assert out.shape == (2, 8, 8, 8)
+    else:
+        assert est.frame_shape_ == (32, 32)
+        assert out.shape == (2,)
+    if hasattr(est, "anomaly_maps"):
+        assert est.anomaly_maps(bigger).shape == (2, 48, 48)
     with pytest.raises(ValueError, match="shape"):
         _output(est, X[0, :, :, 0].ravel()[None])  # a flat 1-D image
 
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_pixel_range_is_enforced(cls):
-    est = cls(**SMALL)
+    est = cls(**small(cls))
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         est.fit(X / 255.0 - 0.5)
     with pytest.raises(TypeError, match="dtype uint8"):
@@ -183,18 +215,19 @@ def test_pixel_range_is_enforced(cls):
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_empty_and_single_image_inputs(cls):
     with pytest.raises(ValueError, match="empty"):
-        cls(**SMALL).fit([])
+        cls(**small(cls)).fit([])
     with pytest.raises(ValueError, match="Expected at least"):
-        cls(**SMALL).fit(X[:0])
-    if cls is PadimDetector:
-        with pytest.raises(ValueError, match="at least 2 images"):
-            cls(**SMALL).fit(X[:1])
+        cls(**small(cls)).fit(X[:0])
+    if cls is not PatchFeatureExtractor:
+        n = cls._min_train_images
+        with pytest.raises(ValueError, match=f"at least {n} images"):
+            cls(**small(cls)).fit(X[: n - 1])
 
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_grayscale_single_channel_images(cls):
     gray = X[..., :1]
-    est = cls(**SMALL).fit(gray)
+    est = cls(**small(cls)).fit(gray)
     np.testing.assert_array_equal(_output(est, gray), _output(est, gray[..., 0]))
     np.testing.assert_allclose(
         _output(est, gray), _output(est, np.repeat(gray, 3, axis=3))
@@ -203,9 +236,9 @@ def test_grayscale_single_channel_images(cls):
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_pipeline_consistency(cls):
-    est = cls(**SMALL).fit(X)
-    pipe = make_pipeline(cls(**SMALL)).fit(X)
-    method = "score_samples" if cls is PadimDetector else "transform"
+    est = cls(**small(cls)).fit(X)
+    pipe = make_pipeline(cls(**small(cls))).fit(X)
+    method = "transform" if cls is PatchFeatureExtractor else "score_samples"
     np.testing.assert_array_equal(getattr(pipe, method)(X), _output(est, X))
 
 
@@ -215,7 +248,7 @@ def test_nan_and_inf_are_rejected(cls):
         images = X / 255.0
         images[0, 0, 0, 0] = bad
         with pytest.raises(ValueError, match="NaN or infinity"):
-            cls(**SMALL).fit(images)
+            cls(**small(cls)).fit(images)
 
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
@@ -223,23 +256,24 @@ def test_non_image_containers_are_rejected(cls):
     import scipy.sparse
 
     with pytest.raises(TypeError, match="got csr_matrix"):
-        cls(**SMALL).fit(scipy.sparse.csr_matrix(np.eye(4)))
+        cls(**small(cls)).fit(scipy.sparse.csr_matrix(np.eye(4)))
     with pytest.raises(TypeError, match="got dict"):
-        cls(**SMALL).fit({"images": X})
+        cls(**small(cls)).fit({"images": X})
 
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_pickle_round_trip(cls):
     import pickle
 
-    est = cls(**SMALL).fit(X)
+    est = cls(**small(cls)).fit(X)
     loaded = pickle.loads(pickle.dumps(est))
     np.testing.assert_array_equal(_output(loaded, X), _output(est, X))
 
 
-def test_outliers_train_and_contamination():
+@pytest.mark.parametrize("cls", DETECTORS)
+def test_outliers_train_and_contamination(cls):
     for contamination in (0.1, 0.2, 0.5):
-        det = PadimDetector(**SMALL, contamination=contamination)
+        det = cls(**small(cls), contamination=contamination)
         labels = det.fit_predict(X)
         assert labels.dtype.kind == "i" and set(labels) <= {-1, 1}
         assert (labels == -1).mean() == pytest.approx(contamination)
@@ -250,7 +284,7 @@ def test_outliers_train_and_contamination():
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_sample_order_invariance(cls):
-    est = cls(**SMALL).fit(X)
+    est = cls(**small(cls)).fit(X)
     order = np.random.default_rng(0).permutation(len(X))
     np.testing.assert_allclose(
         _output(est, X[order]), _output(est, X)[order], rtol=1e-5, atol=1e-6
@@ -259,17 +293,19 @@ def test_sample_order_invariance(cls):
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
 def test_subset_invariance(cls):
-    est = cls(**SMALL, batch_size=4).fit(X)
+    est = cls(**small(cls), batch_size=4).fit(X)
     whole = _output(est, X)
     parts = np.concatenate([_output(est, X[i : i + 3]) for i in range(0, len(X), 3)])
     np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-6)
 
 
-def test_predicting_leaves_the_estimator_unchanged():
-    det = PadimDetector(**SMALL).fit(X)
+@pytest.mark.parametrize("cls", DETECTORS)
+def test_predicting_leaves_the_estimator_unchanged(cls):
+    det = cls(**small(cls)).fit(X)
     before = dict(det.__dict__)
     for method in ("predict", "score_samples", "decision_function", "anomaly_maps"):
-        getattr(det, method)(X)
+        if hasattr(det, method):
+            getattr(det, method)(X)
     assert det.__dict__.keys() == before.keys()
     assert all(det.__dict__[k] is before[k] for k in before)
 
