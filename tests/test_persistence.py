@@ -138,6 +138,10 @@ def test_a_model_saved_by_release_0_1_loads_and_scores_identically():
     with pytest.warns(SkpadimVersionWarning, match="saved by skpadim 0.1.0.dev0"):
         det = joblib.load(data / "padim_0.1.0.dev0.joblib")
     assert det.offset_ == float(expected["offset"])
-    np.testing.assert_array_equal(det.score_samples(expected["X"]), expected["scores"])
-    np.testing.assert_array_equal(det.anomaly_maps(expected["X"]), expected["maps"])
+    # Not bit-identical: this release folds BatchNorm into the convolutions,
+    # which changes float32 rounding only.
+    scores = det.score_samples(expected["X"])
+    np.testing.assert_allclose(scores, expected["scores"], rtol=1e-5)
+    maps = det.anomaly_maps(expected["X"])
+    np.testing.assert_allclose(maps, expected["maps"], rtol=1e-4, atol=1e-5)
     assert "contamination" not in det.gaussian_.__dict__
