@@ -364,8 +364,11 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         """
         runtime = self._get_runtime()
         for batch in self._batches(images, runtime, desc=desc):
-            taps = runtime.reduce_taps(runtime.forward(batch))
-            yield batch, taps if kind == "taps" else runtime.concat(taps)
+            taps = runtime.forward(batch)
+            parts = runtime.reduce_taps(taps)
+            if kind == "concat":
+                parts = runtime.concat(parts, taps[0].shape[-2:])
+            yield batch, parts
 
     @property
     def preprocessing_(self):
@@ -500,7 +503,7 @@ class _Runtime:
 
     def reduce(self, taps):
         """Tap outputs -> (B, n_features, h, w) on the finest tap's grid."""
-        return self.concat(self.reduce_taps(taps))
+        return self.concat(self.reduce_taps(taps), taps[0].shape[-2:])
 
     def reduce_taps(self, taps):
         """Reduce each tap to its kept channels (or PCA block), then aggregate
@@ -524,9 +527,9 @@ class _Runtime:
                 parts.append(tap)
         return parts
 
-    def concat(self, parts):
-        """Reduced taps -> one (B, n_features, h, w) tensor on the finest grid."""
-        size = parts[0].shape[-2:]
+    def concat(self, parts, size):
+        """Reduced taps -> one (B, n_features, h, w) tensor on the ``size`` grid
+        (the finest tap's, even when none of its channels was kept)."""
         with torch.inference_mode():
             parts = [self._upsample(part, size) for part in parts]
             if self.components is not None:

@@ -122,3 +122,17 @@ def test_partial_fit_only_where_the_model_can_grow_exactly():
     assert hasattr(PadimDetector(), "partial_fit")
     for cls in (PatchCoreDetector, SpadeDetector, GaussianADDetector):
         assert not hasattr(cls(), "partial_fit")
+
+
+@pytest.mark.parametrize("cls", DETECTORS)
+def test_a_decision_of_exactly_zero_is_normal(cls, fitted, data):
+    det = fitted[cls]
+    X = data[1][:2]
+    scores = det.score_samples(X)
+    boundary = det.__class__.__new__(det.__class__)
+    boundary.__dict__.update(det.__dict__)
+    boundary.offset_ = float(scores[0])  # image 0 sits exactly on the threshold
+    assert boundary.decision_function(X)[0] == 0.0
+    assert boundary.predict(X)[0] == 1
+    boundary.offset_ = float(np.nextafter(scores[0], np.inf))
+    assert boundary.predict(X)[0] == -1
