@@ -34,7 +34,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
 from ._cache import FeatureCache
-from ._features import PatchFeatureExtractor
+from ._features import PatchFeatureExtractor, resolve_device
 from ._images import check_images
 from ._maps import image_scores, patch_scores_to_maps, to_input_frames
 from ._parallel import map_chunks, torch_threads
@@ -273,7 +273,12 @@ class BaseImageDetector(
 
     def _set_offset(self, train_scores):
         self.train_scores_ = train_scores
-        self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
+        quantile = float(np.percentile(train_scores, 100.0 * self.contamination))
+        # Lowered by a relative 1e-4 (at least 1e-4): float32 rounding, which
+        # varies with the batch an image is in, must never flag an image that
+        # scores like the training images (e.g. a training set of identical
+        # images, whose scores are all rounding noise around 0).
+        self.offset_ = quantile - 1e-4 * (1.0 + abs(quantile))
 
     def _new_cache(self, extractor):
         """A cache for a one-pass fit, or None when jobs run elsewhere (each
@@ -398,6 +403,8 @@ class BaseImageDetector(
         try:
             # Fitted: run-time values apply at once, so they are checked now.
             self._validate_params()
+            if "device" in params:
+                resolve_device(self.device)
         except (ValueError, TypeError):
             super().set_params(**previous)  # never keep an invalid value
             raise

@@ -70,8 +70,8 @@ def shrunk_gaussian(x):
     shrinkage it uses, but inverted through a Cholesky factor instead of an
     eigendecomposition (``pinvh``): ten times faster at d = 512, which matters
     because cross-fitted training scores fit ten of them per level. The
-    shrunk matrix is positive definite unless every feature is constant; a
-    relative 1e-9 ridge keeps even that case finite.
+    shrunk matrix is positive definite unless every feature is constant (a
+    ridge keeps even that case finite).
     """
     x = np.asarray(x, dtype=np.float64)
     mean = x.mean(axis=0)
@@ -80,7 +80,12 @@ def shrunk_gaussian(x):
     shrinkage = ledoit_wolf_shrinkage(centred, assume_centered=True)
     mu = np.trace(covariance) / len(covariance)
     shrunk = (1.0 - shrinkage) * covariance
-    shrunk.flat[:: len(shrunk) + 1] += shrinkage * mu + 1e-9 * max(mu, 1e-12)
+    # Features with (numerically) no variance, e.g. identical training images,
+    # get a ridge relative to their magnitude, so that rounding noise stays a
+    # small distance; otherwise a 1e-9 relative ridge only guards rounding.
+    scale = float(np.mean(x**2))
+    ridge = 1e-2 * scale if mu <= 1e-9 * scale else 1e-9 * mu
+    shrunk.flat[:: len(shrunk) + 1] += shrinkage * mu + max(ridge, 1e-30)
     factor = torch.linalg.cholesky(torch.from_numpy(shrunk))
     precision = torch.cholesky_inverse(factor).numpy()
     return mean, precision

@@ -72,12 +72,12 @@ def test_new_normal_images_pass_the_fitted_threshold(cls, fitted, data):
     # offset_ comes from honest training scores, so new normal images of the
     # same texture mostly pass it (16 training images make the 1% quantile
     # about their minimum, hence the loose bound); a threshold taken from
-    # in-sample training scores would flag (almost) all of them.
+    # in-sample training scores is stricter, and would flag more.
     det = fitted[cls]
     new = det.score_samples(data[1])
     assert np.mean(new >= det.offset_) >= 0.5
     in_sample_offset = np.percentile(det.score_samples(data[0]), 1)
-    assert np.mean(new >= in_sample_offset) < np.mean(new >= det.offset_)
+    assert det.offset_ < in_sample_offset
 
 
 @pytest.mark.parametrize(("cls", "params"), PARAMS)
