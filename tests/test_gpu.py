@@ -149,3 +149,27 @@ def test_float16_on_cuda_runs_in_half_precision(cuda_model, train, test_images):
     with exact_float32():
         full = cuda_model.score_samples(test_images)
     assert np.corrcoef(scores, full)[0, 1] > 0.99
+
+
+@pytest.mark.parametrize(
+    ("cls", "extra"),
+    [
+        ("PatchCoreDetector", {"coreset_size": 0.5}),
+        ("SpadeDetector", {"n_neighbors": 3}),
+        ("GaussianADDetector", {}),
+    ],
+)
+def test_family_fitted_on_cuda_scores_the_same_on_the_cpu(
+    cls, extra, train, test_images
+):
+    import skpadim
+
+    params = {**SMALL, **extra}
+    cpu = getattr(skpadim, cls)(**{**params, "device": "cpu"}).fit(train)
+    with exact_float32():
+        gpu = getattr(skpadim, cls)(**{**params, "device": "cuda"}).fit(train)
+        expected = gpu.score_samples(test_images)
+    assert gpu.feature_extractor_.device_.type == "cuda"
+    assert_scaled_close(expected, cpu.score_samples(test_images), rtol=10 * RTOL)
+    loaded = pickle.loads(pickle.dumps(gpu)).set_params(device="cpu")
+    assert_scaled_close(loaded.score_samples(test_images), expected, rtol=10 * RTOL)
