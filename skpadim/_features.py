@@ -21,6 +21,7 @@ from ._moments import PatchMoments, positions_first
 from ._persistence import VersionedStateMixin
 from .backbones import build_feature_network, get_backbone_spec
 from .backbones._inference import optimize_for_inference
+from .backbones._registry import build_uninitialised
 
 
 def resolve_device(device):
@@ -267,13 +268,12 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         """Fit from a validated ImageSet; attributes are set only at the end."""
         spec, layers, n_features, preprocessing, device = self.check_config()
         rng = check_random_state(self.random_state)
-        init_seed = int(rng.randint(2**31 - 1))
-        network = build_feature_network(spec.name, layers, self.weights)
-        if self.weights is None:
-            # Random-init backbones are initialised again from a local
-            # generator, so that fits running in parallel threads reproduce:
-            # the global torch RNG is shared by every thread.
-            seeded_init(network, torch.Generator().manual_seed(init_seed))
+        # Random-init backbones (weights=None) draw from a local generator:
+        # the global torch RNG is shared by every thread, and is the caller's.
+        generator = torch.Generator().manual_seed(int(rng.randint(2**31 - 1)))
+        network = build_feature_network(
+            spec.name, layers, self.weights, generator=generator
+        )
         offsets = np.cumsum([0] + [spec.taps[layer].channels for layer in layers])
         channel_indices = components = pca_mean = None
         if self.reduction == "random":
@@ -402,7 +402,7 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
                 spec.std,
             )
             device = _loaded_model_device(self.device)
-            network = spec.build(self.layers_)
+            network = build_uninitialised(spec, self.layers_)
             weights = {
                 k: torch.from_numpy(np.array(v))
                 for k, v in self.backbone_state_.items()
@@ -451,33 +451,6 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         tags.requires_fit = True
         tags.non_deterministic = False
         return tags
-
-
-def seeded_init(network, generator):
-    """Initialise a network's weights in place from ``generator`` only.
-
-    The scheme torchvision uses for ResNets (Kaiming normal, fan-out, for
-    convolutions; BatchNorm scale 1 and shift 0; uniform linear layers), but
-    never touching the global RNG.
-    """
-    with torch.no_grad():
-        for module in network.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                fan_out = module.out_channels * module.kernel_size[0]
-                fan_out *= module.kernel_size[1] // module.groups
-                std = (2.0 / fan_out) ** 0.5
-                module.weight.normal_(0.0, std, generator=generator)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-            elif isinstance(module, torch.nn.Linear):
-                bound = 1.0 / module.in_features**0.5
-                module.weight.uniform_(-bound, bound, generator=generator)
-                if module.bias is not None:
-                    module.bias.uniform_(-bound, bound, generator=generator)
-    return network
 
 
 class _Runtime:

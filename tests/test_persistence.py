@@ -45,7 +45,9 @@ def test_pickle_holds_no_torch_object(pretrained):
 
 def test_loads_in_a_fresh_process_without_weights_network_or_gpu(pretrained, tmp_path):
     det = pickle.loads(pickle.dumps(pretrained))
-    det.set_params(device="cuda")  # as if it had been fitted on a GPU
+    # As if it had been fitted on a GPU (set_params would refuse "cuda" on a
+    # fitted model here, where CUDA is not available).
+    det.device = det.feature_extractor_.device = "cuda"
     assert det.feature_extractor_.device == "cuda"
     path = tmp_path / "padim.joblib"
     joblib.dump(det, path)

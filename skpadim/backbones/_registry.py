@@ -242,7 +242,49 @@ def load_into(module, state_dict, *, source):
     return module
 
 
-def build_feature_network(name, layers=None, weights="DEFAULT"):
+def build_uninitialised(spec, layers):
+    """Build a backbone's network with uninitialised weights, on the CPU.
+
+    The modules are created on the "meta" device, so their constructors'
+    random initialisation draws nothing from the global torch RNG (a fit must
+    not move the caller's random stream); every weight is then loaded or
+    initialised from a local generator.
+    """
+    with torch.device("meta"):
+        module = spec.build(layers)
+    return module.to_empty(device="cpu")
+
+
+def seeded_init(network, generator):
+    """Initialise a network's weights and buffers in place from ``generator``.
+
+    The scheme torchvision uses for ResNets (Kaiming normal, fan-out, for
+    convolutions; BatchNorm scale 1, shift 0, running statistics of a unit
+    Gaussian; uniform linear layers), drawing from ``generator`` only.
+    """
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_out = module.out_channels * module.kernel_size[0]
+                fan_out *= module.kernel_size[1] // module.groups
+                module.weight.normal_(0.0, (2.0 / fan_out) ** 0.5, generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
+                module.num_batches_tracked.zero_()
+            elif isinstance(module, nn.Linear):
+                bound = 1.0 / module.in_features**0.5
+                module.weight.uniform_(-bound, bound, generator=generator)
+                if module.bias is not None:
+                    module.bias.uniform_(-bound, bound, generator=generator)
+    return network
+
+
+def build_feature_network(name, layers=None, weights="DEFAULT", *, generator=None):
     """Build the truncated, eval-mode feature network of a registered backbone.
 
     Parameters
@@ -254,7 +296,10 @@ def build_feature_network(name, layers=None, weights="DEFAULT"):
     weights : {"DEFAULT"}, path-like, dict or None
         ``"DEFAULT"``: the pretrained ImageNet weights; a path: a local
         state-dict file of the full (or truncated) network; a dict: a state
-        dict; None: random initialisation (for tests).
+        dict; None: random initialisation (for tests), from ``generator``.
+    generator : torch.Generator or None, default=None
+        Draws the random initialisation (``weights=None``); None uses a
+        fresh generator with torch's default seed.
 
     Returns
     -------
@@ -263,9 +308,9 @@ def build_feature_network(name, layers=None, weights="DEFAULT"):
     """
     spec = get_backbone_spec(name)
     layers = spec.check_layers(layers)
-    module = spec.build(layers)
+    module = build_uninitialised(spec, layers)
     if weights is None:
-        pass
+        seeded_init(module, generator or torch.Generator())
     elif isinstance(weights, str) and weights == "DEFAULT":
         load_into(module, spec.load_pretrained(), source=f"{name} pretrained")
     elif isinstance(weights, Mapping):
