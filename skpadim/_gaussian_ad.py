@@ -81,10 +81,14 @@ def shrunk_gaussian(x):
     mu = np.trace(covariance) / len(covariance)
     shrunk = (1.0 - shrinkage) * covariance
     # Features with (numerically) no variance, e.g. identical training images,
-    # get a ridge relative to their magnitude, so that rounding noise stays a
-    # small distance; otherwise a 1e-9 relative ridge only guards rounding.
+    # get a ridge of their mean square: a standard deviation as large as the
+    # features themselves, so that the backbone's float32 rounding (which
+    # varies with the batch) stays a distance well below offset_'s 1e-4
+    # margin even with every channel of every level (a 1e-2 ridge still
+    # flagged the training image scored alone). Otherwise a 1e-9 relative
+    # ridge only guards rounding.
     scale = float(np.mean(x**2))
-    ridge = 1e-2 * scale if mu <= 1e-9 * scale else 1e-9 * mu
+    ridge = scale if mu <= 1e-9 * scale else 1e-9 * mu
     shrunk.flat[:: len(shrunk) + 1] += shrinkage * mu + max(ridge, 1e-30)
     factor = torch.linalg.cholesky(torch.from_numpy(shrunk))
     precision = torch.cholesky_inverse(factor).numpy()

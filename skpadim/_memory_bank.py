@@ -233,25 +233,34 @@ class PatchMemoryBank(VersionedStateMixin, BaseEstimator):
                 sample_ids.to(bank.device),
                 self._sources_on(bank.device),
             )
-        n_support = min(self.n_neighbors, self._n_eligible(groups, bank_groups))
-        _, support = nearest_neighbors(
-            anchor,
-            bank,
-            n_neighbors=n_support,
-            query_groups=groups,
-            bank_groups=bank_groups,
-        )
-        distances = (test_patch.unsqueeze(1) - bank[support]).norm(dim=2)  # (B, b)
-        weight = 1 - torch.softmax(distances, dim=1)[:, 0]
+        # The support is capped per image by the entries it may use (a
+        # training image: those of the other images), so that an image's
+        # score does not depend on the other images of its batch.
+        eligible = self._n_eligible(groups, bank_groups, len(best), bank.device)
+        caps = eligible.clamp_max(self.n_neighbors)
+        weight = torch.empty_like(best_score)
+        for cap in caps.unique().tolist():
+            part = caps == cap
+            _, support = nearest_neighbors(
+                anchor[part],
+                bank,
+                n_neighbors=cap,
+                query_groups=None if groups is None else groups[part],
+                bank_groups=bank_groups,
+            )
+            # (b,) distances of the test patch to N_b(m*), m* first.
+            distances = (test_patch[part].unsqueeze(1) - bank[support]).norm(dim=2)
+            weight[part] = 1 - torch.softmax(distances, dim=1)[:, 0]
         return weight * best_score
 
-    def _n_eligible(self, groups, bank_groups):
+    def _n_eligible(self, groups, bank_groups, n_images, device):
+        """Bank entries each image may be matched with, (n_images,) int64."""
         n_bank = len(self.bank_)
         if groups is None:
-            return n_bank
+            return torch.full((n_images,), n_bank, dtype=torch.int64, device=device)
         counts = torch.bincount(bank_groups)
         own = counts[groups.clamp_max(len(counts) - 1)] * (groups < len(counts))
-        return int(n_bank - own.max())
+        return n_bank - own
 
     def _bank_on(self, device):
         cache = self.__dict__.setdefault("_device_bank", {})

@@ -164,7 +164,17 @@ class PatchCoreDetector(BasePatchDetector):
         patches = torch.cat([p for p, _, _ in parts])
         sources = torch.cat([s for _, s, _ in parts])
         n_seen = sum(n for _, _, n in parts)
-        return head.set_patches(patches, sources, n_seen), cache
+        head.set_patches(patches, sources, n_seen)
+        if len(torch.unique(sources)) > 1 and len(set(head.bank_sources_)) < 2:
+            # Its own image could only be matched with itself: no honest score.
+            if cache is not None:
+                cache.close()
+            raise ValueError(
+                f"coreset_size={self.coreset_size!r} keeps {len(head.bank_)} bank "
+                "entries, all from one training image, which then cannot be "
+                "scored honestly (against other images); increase coreset_size."
+            )
+        return head, cache
 
     def _fit_nbytes(self, grid_shape, n_features, n_images):
         # Per job: the buffer of raw patches (bounded by working_memory) and
