@@ -293,8 +293,9 @@ class CflowDetector(BasePatchDetector):
         "random"``; a tap left with no channel gets no flow) or, with
         ``reduction="pca"``, projects each tap on ``n_features`` principal
         directions.
-    reduction : {{"random", "pca"}}, default="random"
+    reduction : {"random", "pca"}, default="random"
         How ``n_features`` channels are chosen.
+    {random_state}
     max_iter : int, default=20
         Epochs over the training images (scikit-learn's word for them).
     learning_rate_init : float, default=1e-3

@@ -42,10 +42,11 @@ _DOCS = {
         the training images' honest scores (each image scored as if it had
         been left out of the fit), a stand-in for the scores of new normal
         images.""",
-    "runtime": """\
+    "random_state": """\
     random_state : int, RandomState instance or None, default=None
         Seeds every random choice (channel subset, random-init backbone and
-        the method's own): the same seed and data give identical scores.
+        the method's own): the same seed and data give identical scores.""",
+    "runtime": """\
     batch_size : int, default=32
         Images per forward pass.
     device : str, default="auto"

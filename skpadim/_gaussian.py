@@ -283,7 +283,7 @@ class PatchGaussian(VersionedStateMixin, BaseEstimator):
         return self
 
     def patch_scores(self, embeddings, *, leave_out=False):
-        """Mahalanobis distances of a torch batch, on its device.
+        """Compute the Mahalanobis distances of a torch batch, on its device.
 
         Parameters
         ----------
@@ -307,6 +307,13 @@ class PatchGaussian(VersionedStateMixin, BaseEstimator):
 
     def score_batch(self, embeddings, *, sample_ids=None):
         """Patch scores of a batch, for the detectors (see ``_base``).
+
+        Parameters
+        ----------
+        embeddings : tensor of shape (n, n_features, h, w)
+            Patch embeddings of a batch of images.
+        sample_ids : tensor of shape (n,) or None, default=None
+            Given for training images, which are then scored leave-one-out.
 
         Returns
         -------

@@ -123,6 +123,7 @@ class GaussianADDetector(BaseImageDetector):
     {n_features}
         None keeps every channel.
     {reduction}
+    {random_state}
     {image}
     {contamination}
     {runtime}
@@ -133,6 +134,11 @@ class GaussianADDetector(BaseImageDetector):
     gaussians_ : LevelGaussians
         The per-level locations and shrunk precisions (the head).
 
+    See Also
+    --------
+    PadimDetector : One Gaussian per patch position: localises defects.
+    sklearn.covariance.EllipticEnvelope : The same idea on a table.
+
     Notes
     -----
     ``train_scores_`` are cross-fitted: the training images are split into
@@ -140,11 +146,6 @@ class GaussianADDetector(BaseImageDetector):
     folds, so ``offset_`` is not taken from optimistic in-sample distances.
     Fitting keeps the pooled features of all training images (a few KiB
     each), never their feature maps.
-
-    See Also
-    --------
-    PadimDetector : One Gaussian per patch position: localises defects.
-    sklearn.covariance.EllipticEnvelope : The same idea on a table.
 
     Examples
     --------

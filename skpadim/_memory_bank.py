@@ -157,7 +157,7 @@ class PatchMemoryBank(VersionedStateMixin, BaseEstimator):
         return self
 
     def kneighbors(self, X, n_neighbors=1):
-        """Distances and indices of the nearest bank entries of patches.
+        """Find the nearest bank entries of patches: distances and indices.
 
         Parameters
         ----------

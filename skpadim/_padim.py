@@ -41,8 +41,9 @@ class PadimDetector(BasePatchDetector):
     n_features : int or None, default=None
         Embedding dimensions kept; None uses the backbone's default (100 for
         resnet18 and efficientnet_lite0, 550 for wide_resnet50_2).
-    reduction : {{"random", "pca"}}, default="random"
+    reduction : {"random", "pca"}, default="random"
         Random dimension selection (the paper's Rd) or PCA (its ablation).
+    {random_state}
     epsilon : float, default=0.01
         Added to the diagonal of every covariance matrix.
     {sigma}

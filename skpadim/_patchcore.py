@@ -46,6 +46,7 @@ class PatchCoreDetector(BasePatchDetector):
         None keeps every channel (384 for resnet18, 152 for
         efficientnet_lite0, 1536 for wide_resnet50_2).
     {reduction}
+    {random_state}
     coreset_size : float in (0, 1] or int >= 1, default=0.1
         Memory bank size: a fraction of the training patches (the paper's
         PatchCore-10%) or a number of patches.
@@ -66,17 +67,17 @@ class PatchCoreDetector(BasePatchDetector):
     memory_bank_ : PatchMemoryBank
         The coreset of training patches (the head).
 
-    Notes
-    -----
-    ``train_scores_`` are honest: a training image's patches are matched only
-    with bank entries that came from other images. ``partial_fit`` is not
-    available: a coreset cannot be updated exactly.
-
     See Also
     --------
     PadimDetector : One Gaussian per position: smaller and faster to score,
         but needs aligned images.
     PatchMemoryBank : The memory bank on its own.
+
+    Notes
+    -----
+    ``train_scores_`` are honest: a training image's patches are matched only
+    with bank entries that came from other images. ``partial_fit`` is not
+    available: a coreset cannot be updated exactly.
 
     Examples
     --------

@@ -119,6 +119,7 @@ class SpadeDetector(BasePatchDetector):
     {n_features}
         None keeps every channel.
     {reduction}
+    {random_state}
     n_neighbors : int, default=50
         Nearest training images per test image (the paper's K: 50 on MVTec
         AD); capped at the number of training images (less one while scoring
@@ -136,14 +137,14 @@ class SpadeDetector(BasePatchDetector):
     gallery_ : SpadeGallery
         The training images' pooled features and pyramids (the head).
 
+    See Also
+    --------
+    PatchCoreDetector : A coreset of patches instead of whole pyramids.
+
     Notes
     -----
     ``train_scores_`` are honest: each training image is scored against the
     other training images only (leave-one-out).
-
-    See Also
-    --------
-    PatchCoreDetector : A coreset of patches instead of whole pyramids.
 
     Examples
     --------
