@@ -4,6 +4,7 @@ PaDiM and its family (PatchCore, SPADE, Gaussian AD, CFLOW-AD) on one image
 pipeline. The estimators live in private modules and are re-exported here.
 """
 
+from ._cflow import CflowDetector
 from ._features import PatchFeatureExtractor
 from ._gaussian import PatchGaussian
 from ._gaussian_ad import GaussianADDetector
@@ -16,6 +17,7 @@ from ._spade import SpadeDetector
 __version__ = "0.2.0.dev0"
 
 __all__ = [
+    "CflowDetector",
     "GaussianADDetector",
     "PadimDetector",
     "PatchCoreDetector",

@@ -22,7 +22,7 @@ def cache_budget():
     Change it with ``sklearn.set_config(working_memory=MiB)`` or, for one
     fit, ``with sklearn.config_context(working_memory=MiB): det.fit(X)``.
     """
-    return int(sklearn.get_config()["working_memory"]) * 2**20
+    return int(sklearn.get_config()["working_memory"] * 2**20)
 
 
 def _nbytes(features):

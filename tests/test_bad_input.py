@@ -10,6 +10,7 @@ from sklearn.exceptions import NotFittedError
 
 import skpadim._features
 from skpadim import (
+    CflowDetector,
     GaussianADDetector,
     PadimDetector,
     PatchCoreDetector,
@@ -22,6 +23,7 @@ DETECTORS = {
     PatchCoreDetector: {"n_features": 16},
     SpadeDetector: {"n_features": 16, "n_neighbors": 2},
     GaussianADDetector: {"n_features": 16},
+    CflowDetector: {"n_features": 16, "max_iter": 1, "condition_dim": 8},
 }
 
 rng = np.random.default_rng(0)

@@ -19,6 +19,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from sklearn.utils.validation import check_is_fitted
 
 from skpadim import (
+    CflowDetector,
     GaussianADDetector,
     PadimDetector,
     PatchCoreDetector,
@@ -45,6 +46,14 @@ DETECTORS = {
     PatchCoreDetector: {"coreset_size": 0.5},
     SpadeDetector: {"n_neighbors": 3},
     GaussianADDetector: {},
+    # One tiny epoch; nothing held out, so that every training image gets an
+    # honest-or-in-sample score (held-out thresholds: test_cflow.py).
+    CflowDetector: {
+        "max_iter": 1,
+        "n_coupling_blocks": 2,
+        "condition_dim": 8,
+        "validation_fraction": 0.0,
+    },
 }
 
 
@@ -87,15 +96,19 @@ IMAGE_NATIVE = {
     "check_fit_check_is_fitted": "test_check_is_fitted",
     "check_transformer_general": "test_transformer_general",
     "check_transformer_preserve_dtypes": "test_transformer_general",
+    "check_non_transformer_estimators_n_iter": "test_iterative_fit_records_n_iter",
 }
 
 
 def expected_failed_checks(estimator):
     if isinstance(estimator, (PatchGaussian, PatchMemoryBank)):
         return {}
+    checks = dict(IMAGE_NATIVE)
+    if not hasattr(estimator, "max_iter"):  # only run on iterative estimators
+        checks.pop("check_non_transformer_estimators_n_iter")
     return {
         check: f"feeds a 2-D table; the same property on images: {test}"
-        for check, test in IMAGE_NATIVE.items()
+        for check, test in checks.items()
     }
 
 
@@ -316,3 +329,8 @@ def test_transformer_general():
     np.testing.assert_array_equal(fitted_output, ext.transform(X))
     for variant in (X, X / np.float64(255)):
         assert ext.transform(variant).dtype == np.float32
+
+
+def test_iterative_fit_records_n_iter():
+    det = CflowDetector(**small(CflowDetector)).fit(X)
+    assert det.n_iter_ == 1 and len(det.loss_curve_) == 1

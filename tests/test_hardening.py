@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from skpadim import (
+    CflowDetector,
     GaussianADDetector,
     PadimDetector,
     PatchCoreDetector,
@@ -30,6 +31,7 @@ DETECTORS = {
     PatchCoreDetector: {},
     SpadeDetector: {"n_neighbors": 3},
     GaussianADDetector: {},
+    CflowDetector: {"max_iter": 2, "n_coupling_blocks": 2, "condition_dim": 16},
 }
 X = smooth_texture(np.random.default_rng(0), 8, size=48)
 TEST = smooth_texture(np.random.default_rng(1), 3, size=48)
