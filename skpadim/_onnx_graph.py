@@ -33,7 +33,18 @@ def _buffer(module, name, array, dtype=torch.float32):
     module.register_buffer(name, torch.as_tensor(np.asarray(array), dtype=dtype))
 
 
-def knn(queries, bank, bank_sq, n_neighbors, n_candidates):
+def squared_norms(rows, block=2**16):
+    """Row norms squared, summed in float64 a block of rows at a time (a
+    float64 copy of a multi-GiB bank at once would double its memory)."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    out = np.empty(len(flat), dtype=np.float64)
+    for start in range(0, len(flat), block):
+        part = flat[start : start + block].astype(np.float64)
+        out[start : start + block] = np.einsum("ij,ij->i", part, part)
+    return out.reshape(rows.shape[:-1])
+
+
+def knn(queries, bank, bank_half_sq, n_neighbors, n_candidates):
     """Exact ``n_neighbors`` nearest bank rows, in a static graph.
 
     The ``|q|^2 + |b|^2 - 2 q.b`` form (a matrix product; ``cdist`` has no
@@ -48,8 +59,8 @@ def knn(queries, bank, bank_sq, n_neighbors, n_candidates):
         Query rows, centred like the bank.
     bank : tensor of shape (M, d) or (B, M, d)
         Bank rows (a shared bank, or one per batch item), centred.
-    bank_sq : tensor of shape (M,) or (B, M)
-        Squared norms of the bank rows.
+    bank_half_sq : tensor of shape (M,) or (B, M)
+        Halves of the squared norms of the bank rows.
     n_neighbors, n_candidates : int
         Neighbours returned; candidates re-ranked (``n_neighbors`` <=
         ``n_candidates`` <= M).
@@ -62,7 +73,14 @@ def knn(queries, bank, bank_sq, n_neighbors, n_candidates):
         Rows of the bank.
     """
     query_sq = queries.square().sum(dim=-1, keepdim=True)
-    approx = query_sq + bank_sq.unsqueeze(-2) - 2 * queries @ bank.transpose(-1, -2)
+    if bank.dim() == 2:
+        # One Gemm (transB, with the half norms as its bias): the constant
+        # bank is never transposed at run time, which ONNX Runtime would
+        # not fold away above 1 GiB.
+        products = F.linear(queries, bank, -bank_half_sq)
+    else:
+        products = queries @ bank.transpose(-1, -2) - bank_half_sq.unsqueeze(-2)
+    approx = query_sq - 2 * products
     _, candidates = torch.topk(approx, n_candidates, dim=-1, largest=False)
     if bank.dim() == 2:
         rows = bank[candidates]  # (Q, c, d)
@@ -284,7 +302,7 @@ class PatchCoreHead(nn.Module):
         centred = bank - centre
         _buffer(self, "centre", centre)
         _buffer(self, "bank", centred)
-        _buffer(self, "bank_sq", np.square(centred, dtype=np.float64).sum(axis=1))
+        _buffer(self, "bank_half_sq", squared_norms(centred) / 2)
         self.reweight = support is not None
         if self.reweight:
             _buffer(self, "support", support, torch.int64)
@@ -295,7 +313,9 @@ class PatchCoreHead(nn.Module):
         n_features = features.shape[1]
         n_patches = self.grid_shape[0] * self.grid_shape[1]
         queries = features.permute(0, 2, 3, 1).reshape(-1, n_features) - self.centre
-        distances, nearest = knn(queries, self.bank, self.bank_sq, 1, self.n_candidates)
+        distances, nearest = knn(
+            queries, self.bank, self.bank_half_sq, 1, self.n_candidates
+        )
         patch_scores = distances.view(-1, n_patches)
         best_score, best = patch_scores.max(dim=1)
         if not self.reweight:
@@ -344,14 +364,14 @@ class SpadeHead(nn.Module):
         centred = rows - centre.astype(np.float32)
         _buffer(self, name, centred)
         _buffer(self, f"{name}_centre", centre)
-        _buffer(self, f"{name}_sq", np.square(centred, dtype=np.float64).sum(axis=-1))
+        _buffer(self, f"{name}_half_sq", squared_norms(centred) / 2)
 
     def forward(self, taps):
         queries = taps[-1].mean(dim=(2, 3)) - self.pooled_centre
         distances, nearest = knn(
             queries,
             self.pooled,
-            self.pooled_sq,
+            self.pooled_half_sq,
             self.n_neighbors,
             self.n_image_candidates,
         )
@@ -362,14 +382,14 @@ class SpadeHead(nn.Module):
             c, h, w = self.level_shapes[i]
             gallery = getattr(self, f"level_{i}")[nearest]  # (N, K, hw, C)
             gallery = gallery.flatten(1, 2)  # (N, K hw, C)
-            gallery_sq = getattr(self, f"level_{i}_sq")[nearest].flatten(1)
+            half_sq = getattr(self, f"level_{i}_half_sq")[nearest].flatten(1)
             n_gallery = self.n_neighbors * h * w
             kappa = min(self.n_pixel_neighbors, n_gallery)
             pixels = tap.flatten(2).transpose(1, 2) - getattr(self, f"level_{i}_centre")
             level_distances, _ = knn(
                 pixels,
                 gallery,
-                gallery_sq,
+                half_sq,
                 kappa,
                 min(n_gallery, kappa + KNN_MARGIN),
             )

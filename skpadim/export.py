@@ -64,6 +64,27 @@ them; resizing in float (as the detector does) and rounding to uint8 moves a
 pixel by at most half a grey level, which changes scores far less than any
 real defect does.
 
+Running the model
+-----------------
+With ONNX Runtime::
+
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession("padim.onnx")
+    scores, maps = session.run(None, {"images": frames})
+
+PaDiM's whitening factors are unpacked by the graph from their packed
+storage; ONNX Runtime turns that into a constant when it loads the model,
+but only up to 1 GiB by default. Larger factors (e.g. wide_resnet50_2 with
+550 features at 224 px: 3.8 GB) would then be unpacked at every run; raise
+the limit when creating the session::
+
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry(
+        "optimization.constant_folding_max_output_size_in_bytes", str(2**33)
+    )
+    session = onnxruntime.InferenceSession("padim.onnx", options)
+
 Which detectors export
 ----------------------
 - :class:`~skpadim.PadimDetector`: the whitening factors are stored packed,
@@ -104,7 +125,7 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-from ._images import check_images
+from ._images import Preprocessing, check_images, check_size
 from ._maps import _axis_operator
 from .backbones import get_backbone_spec
 from .backbones._inference import fuse_conv_bn
@@ -206,7 +227,7 @@ GaussianADDetector or CflowDetector
         )
     import onnx  # an optional dependency: imported only when exporting
 
-    module = build_module(detector)
+    module = _build_module(detector)
     height, width = detector.frame_shape_
     example = torch.zeros((1, height, width, 3), dtype=torch.uint8)
     outputs = ["scores", "maps"] if module.with_maps else ["scores"]
@@ -240,6 +261,7 @@ GaussianADDetector or CflowDetector
                 do_constant_folding=False,
                 dynamo=False,
             )
+        del module  # its constants are in the file now: free them first
         model = onnx.load(traced)  # loads a side file too, for > 2 GiB models
     _describe(model, detector)
     _save(onnx, model, path, external_data_threshold)
@@ -251,7 +273,7 @@ def _describe(model, detector):
     from . import __version__
 
     height, width = detector.frame_shape_
-    preprocessing = detector.feature_extractor_.preprocessing_
+    preprocessing = _preprocessing(detector.feature_extractor_)
     entries = {
         "skpadim_version": __version__,
         "detector": type(detector).__name__,
@@ -312,7 +334,7 @@ def _tensor_nbytes(tensor):
 # From a fitted detector to a torch module
 
 
-def build_module(detector):
+def _build_module(detector):
     """The :class:`skpadim._onnx_graph.Pipeline` of a fitted detector.
 
     Parameters
@@ -510,7 +532,7 @@ def frame_images(detector, X):
     """
     check_is_fitted(detector)
     images = check_images(X)
-    preprocessing = detector.feature_extractor_.preprocessing_
+    preprocessing = _preprocessing(detector.feature_extractor_)
     frame_shape = tuple(detector.frame_shape_)
     out = np.empty((len(images), *frame_shape, 3), dtype=np.uint8)
     position = 0
@@ -528,3 +550,15 @@ def frame_images(detector, X):
             out[position] = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
             position += 1
     return out
+
+
+def _preprocessing(extractor):
+    """The extractor's resize and crop, without building its network (as its
+    ``preprocessing_`` would on a freshly loaded model)."""
+    spec = get_backbone_spec(extractor.backbone)
+    return Preprocessing(
+        check_size(extractor.image_size, "image_size"),
+        check_size(extractor.crop_size, "crop_size"),
+        spec.mean,
+        spec.std,
+    )
