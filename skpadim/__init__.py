@@ -1,30 +1,38 @@
 """skpadim: visual anomaly detection and localization for scikit-learn.
 
 PaDiM and its family (PatchCore, SPADE, Gaussian AD, CFLOW-AD) on one image
-pipeline. The estimators live in private modules and are re-exported here.
+pipeline. The estimators live in private modules and are re-exported here,
+imported on first use (PEP 562), so that ``import skpadim`` and the command
+line start without loading torch.
 """
 
-from ._cflow import CflowDetector
-from ._features import PatchFeatureExtractor
-from ._gaussian import PatchGaussian
-from ._gaussian_ad import GaussianADDetector
-from ._memory_bank import PatchMemoryBank
-from ._moments import PatchMoments
-from ._padim import PadimDetector
-from ._patchcore import PatchCoreDetector
-from ._spade import SpadeDetector
+import importlib
 
 __version__ = "0.2.0.dev0"
 
-__all__ = [
-    "CflowDetector",
-    "GaussianADDetector",
-    "PadimDetector",
-    "PatchCoreDetector",
-    "PatchMemoryBank",
-    "PatchFeatureExtractor",
-    "PatchGaussian",
-    "PatchMoments",
-    "SpadeDetector",
-    "__version__",
-]
+# Public name -> the private module that defines it.
+_EXPORTS = {
+    "CflowDetector": "._cflow",
+    "GaussianADDetector": "._gaussian_ad",
+    "PadimDetector": "._padim",
+    "PatchCoreDetector": "._patchcore",
+    "PatchFeatureExtractor": "._features",
+    "PatchGaussian": "._gaussian",
+    "PatchMemoryBank": "._memory_bank",
+    "PatchMoments": "._moments",
+    "SpadeDetector": "._spade",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'skpadim' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

@@ -63,3 +63,13 @@ def test_input_normalisation_is_subtract_mean_divide_std():
     expected = (0.5 - np.array(spec.mean)) / np.array(spec.std)  # ImageNet's
     np.testing.assert_allclose(batch[0, :, 0, 0].numpy(), expected, rtol=1e-6)
     assert not np.allclose(expected, (0.5 - np.array(spec.std)) / np.array(spec.mean))
+
+
+def test_random_init_backbones_build_for_every_registered_backbone():
+    # Depthwise convolutions (Lite0) have groups == channels: the seeded
+    # initialisation must not divide by zero, and the weights must be drawn.
+    for backbone in ("resnet18", "efficientnet_lite0"):
+        ext = PatchFeatureExtractor(backbone=backbone, n_features=8, **BASE).fit(X)
+        weights = [w for k, w in ext.backbone_state_.items() if k.endswith("weight")]
+        assert all(np.isfinite(w).all() for w in weights)
+        assert np.std(weights[0]) > 0

@@ -265,8 +265,8 @@ def seeded_init(network, generator):
     with torch.no_grad():
         for module in network.modules():
             if isinstance(module, nn.Conv2d):
-                fan_out = module.out_channels * module.kernel_size[0]
-                fan_out *= module.kernel_size[1] // module.groups
+                kernel = module.kernel_size[0] * module.kernel_size[1]
+                fan_out = module.out_channels * kernel // module.groups
                 module.weight.normal_(0.0, (2.0 / fan_out) ** 0.5, generator=generator)
                 if module.bias is not None:
                     module.bias.zero_()
