@@ -533,7 +533,9 @@ def iter_features(images, extractor, frame_shape, kind, *, cache=None):
 def score_features(head, features, frame_shape, sigma, *, sample_ids=None, maps=False):
     """Image scores (B,) and, if asked, model-frame maps (B, H, W) of a batch."""
     with torch.inference_mode():
-        patch, image = head.score_batch(features, sample_ids=sample_ids)
+        # Without maps, a head whose image score does not come from its patch
+        # scores (SPADE, Gaussian AD) may skip them.
+        patch, image = head.score_batch(features, sample_ids=sample_ids, patches=maps)
         frame_maps = None
         if patch is not None and (maps or image is None):
             frame_maps = patch_scores_to_maps(patch, frame_shape, sigma)

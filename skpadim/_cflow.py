@@ -106,7 +106,7 @@ class _FlowHead:
             self._pyramids[key] = pyramid
         return self._pyramids[key]
 
-    def score_batch(self, features, *, sample_ids=None):
+    def score_batch(self, features, *, sample_ids=None, patches=True):
         """Patch scores of a batch on the finest level's grid.
 
         For each level l, ``s_l = exp(log p_l - c_l)`` with ``c_l`` the

@@ -305,7 +305,7 @@ class PatchGaussian(VersionedStateMixin, BaseEstimator):
         dist = dist.T.reshape(embeddings.shape[:1] + embeddings.shape[2:])
         return leave_one_out(dist, self.n_samples_seen_) if leave_out else dist
 
-    def score_batch(self, embeddings, *, sample_ids=None):
+    def score_batch(self, embeddings, *, sample_ids=None, patches=True):
         """Patch scores of a batch, for the detectors (see ``_base``).
 
         Parameters

@@ -48,7 +48,7 @@ class LevelGaussians:
             total = total + np.sqrt(np.maximum(squared, 0.0))
         return total
 
-    def score_batch(self, taps, *, sample_ids=None):
+    def score_batch(self, taps, *, sample_ids=None, patches=True):
         """Image scores of a batch of taps (see ``skpadim._base``): (None, (B,))."""
         total = 0.0
         for tap, mean, precision in zip(taps, self.locations, self.precisions):

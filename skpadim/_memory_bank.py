@@ -181,7 +181,7 @@ class PatchMemoryBank(VersionedStateMixin, BaseEstimator):
         )
         return distances.numpy(), indices.numpy()
 
-    def score_batch(self, embeddings, *, sample_ids=None):
+    def score_batch(self, embeddings, *, sample_ids=None, patches=True):
         """Patch scores and re-weighted image scores of a batch.
 
         Parameters

@@ -40,9 +40,10 @@ class SpadeGallery:
         self.n_neighbors = n_neighbors
         self.n_pixel_neighbors = n_pixel_neighbors
 
-    def score_batch(self, taps, *, sample_ids=None):
+    def score_batch(self, taps, *, sample_ids=None, patches=True):
         """Pixel kNN scores among each image's nearest training images, and
-        the image kNN score (see ``skpadim._base``)."""
+        the image kNN score (see ``skpadim._base``); ``patches=False`` skips
+        the pixel stage (None instead of patch scores)."""
         device = taps[0].device
         bank = torch.as_tensor(self.pooled, device=device)
         n_train = len(bank)
@@ -59,6 +60,8 @@ class SpadeGallery:
             bank_groups=bank_groups,
         )
         image_scores = distances.mean(dim=1)
+        if not patches:  # the image score needs no pixel stage
+            return None, image_scores
         size = taps[0].shape[-2:]
         patch_scores = torch.stack(
             [self._pixel_scores(taps, b, nearest[b], size) for b in range(len(nearest))]
