@@ -2,27 +2,49 @@
 
 Build (from the repository root)::
 
-    python -m sphinx -W --keep-going -b html docs docs/_build/html
+    make docs        # examples executed in quick mode, as in CI
+    make docs-full   # examples executed at full size (long on a CPU)
 
-Environment switches, all off by default so that the build is fast and works
-without network access:
+or directly::
+
+    SKPADIM_DOCS_RUN_EXAMPLES=1 SKPADIM_EXAMPLES_QUICK=1 \\
+        python -m sphinx -W --keep-going -b html docs docs/_build/html
+
+Environment switches, read here:
 
 ``SKPADIM_DOCS_RUN_EXAMPLES=1``
     Execute the gallery scripts ``examples/plot_*.py`` and embed their
-    figures and output. Off: the gallery pages show the code only.
-    ``-D plot_gallery=1`` on the command line has the same effect.
+    figures and printed output. Off (the default of a bare ``sphinx``
+    call): the gallery pages show the code only. ``-D plot_gallery=1`` on
+    the command line has the same effect.
+``SKPADIM_EXAMPLES_QUICK=1``
+    Read by the examples themselves: fewer images, smaller frames, so that
+    the whole gallery runs in a few minutes on a 2-core CPU. ``make docs``
+    (and so CI) sets it; ``make docs-full`` does not.
 ``SKPADIM_DOCS_INTERSPHINX=1``
     Link names of Python, NumPy, SciPy, scikit-learn, PyTorch and joblib to
     their online documentation (downloads the inventories at build time).
+
+The gallery's outputs are cached in ``docs/auto_examples`` and an example
+is run again only when its source changes; the cache is dropped whenever
+the mode (code only, quick, full) differs from the last build's, so a page
+never shows the output of another mode.
+
+Math is rendered by MathJax served from the built site itself
+(``_static/mathjax``, copied from the ``sphinx-mathjax-offline`` package),
+so the pages need no network access to display formulas.
 """
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
 DOCS_DIR = Path(__file__).resolve().parent
 # Import the checkout being documented, even when another copy is installed.
 sys.path.insert(0, str(DOCS_DIR.parent))
+# Helpers of this configuration (the gallery's example order).
+sys.path.insert(0, str(DOCS_DIR / "sphinxext"))
 
 import skpadim  # noqa: E402
 
@@ -34,7 +56,30 @@ def _env_flag(name, default="0"):
 
 
 RUN_EXAMPLES = _env_flag("SKPADIM_DOCS_RUN_EXAMPLES")
+QUICK_EXAMPLES = _env_flag("SKPADIM_EXAMPLES_QUICK")
 USE_INTERSPHINX = _env_flag("SKPADIM_DOCS_INTERSPHINX")
+
+
+def _reset_gallery_if_mode_changed(gallery_dir, mode):
+    """Drop the gallery's cached outputs when they come from another mode.
+
+    sphinx-gallery re-runs an example only when its source changes, so
+    without this a full build after a quick one would keep the quick
+    figures (and the reverse).
+    """
+    stamp = gallery_dir / ".skpadim_gallery_mode"
+    if stamp.is_file() and stamp.read_text().strip() == mode:
+        return
+    if gallery_dir.exists():
+        shutil.rmtree(gallery_dir)
+    gallery_dir.mkdir(parents=True)
+    stamp.write_text(mode + "\n")
+
+
+GALLERY_MODE = (
+    ("quick" if QUICK_EXAMPLES else "full") if RUN_EXAMPLES else "code-only"
+)
+_reset_gallery_if_mode_changed(DOCS_DIR / "auto_examples", GALLERY_MODE)
 
 # -- Project -----------------------------------------------------------------
 
@@ -50,6 +95,8 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.mathjax",
+    # Ships MathJax 3 and serves it from _static/mathjax: no CDN at view time.
+    "sphinx-mathjax-offline",
     "numpydoc",
     "sphinx_gallery.gen_gallery",
 ]
@@ -124,7 +171,8 @@ sphinx_gallery_conf = {
     "gallery_dirs": "auto_examples",
     "filename_pattern": r"/plot_",
     "ignore_pattern": r"__init__\.py",
-    "within_subsection_order": "FileNameSortKey",
+    # First steps first (docs/sphinxext/gallery_order.py).
+    "within_subsection_order": "gallery_order.ExampleOrder",
     # Mini-galleries on the API pages: examples that use an object.
     "doc_module": ("skpadim",),
     "backreferences_dir": "gen_modules/backreferences",
@@ -135,6 +183,8 @@ sphinx_gallery_conf = {
     "show_signature": False,
     # A failing example fails the build (when examples are run at all).
     "only_warn_on_example_error": False,
+    # Report every example's run time in the build log and sg_execution_times.
+    "min_reported_time": 0,
 }
 
 # -- intersphinx (opt-in) ----------------------------------------------------
