@@ -37,6 +37,7 @@ from skpadim._parallel import WorkerLostError, _DaskChunkMap
 from conftest import SMALL, smooth_texture
 
 distributed = pytest.importorskip("distributed")
+dask = pytest.importorskip("dask")
 
 # 30-60 s in all: worker processes import torch, and again after each kill.
 pytestmark = pytest.mark.slow
@@ -280,6 +281,11 @@ def cluster():
     """Two one-thread worker processes, with nannies (a killed worker is
     restarted), and slow image reads."""
     with (
+        # A LocalCluster closes a worker's nanny for good when no worker of
+        # that name is back 15 s after one was removed, counted from every
+        # removal: a worker killed twice within 15 s, and slow to restart the
+        # second time, would be lost to the following tests.
+        dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}),
         distributed.LocalCluster(
             n_workers=2,
             threads_per_worker=1,
@@ -396,7 +402,7 @@ def test_scoring_survives_a_killed_worker(cluster, serial, test_images):
 
 def test_patchcore_fit_survives_a_killed_worker(cluster, train, test_images):
     _, client = cluster
-    params = dict(PARAMS, coreset_size=0.25, n_neighbors=3)
+    params = dict(PARAMS, coreset_size=0.1, n_neighbors=3)
     reference = PatchCoreDetector(**{**params, "n_jobs": 1}).fit(train)
     with on_dask(client), sabotage(client, "_chunk_coreset", 0.5) as saboteur:
         det = PatchCoreDetector(**params).fit(train)
