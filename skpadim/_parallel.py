@@ -22,6 +22,8 @@ import torch
 from joblib import Parallel, delayed, effective_n_jobs
 from joblib.parallel import get_active_backend
 
+from .exceptions import WorkerLostError
+
 # How many times a chunk is submitted to Dask before a worker loss is final.
 # Dask itself already re-runs a task whose worker died under it, up to
 # ``distributed.scheduler.allowed-failures`` times (then KilledWorker); ours
@@ -31,16 +33,6 @@ MAX_CHUNK_ATTEMPTS = 3
 
 # Seconds between checks that the cluster still has workers while waiting.
 _POLL_SECONDS = 1.0
-
-
-class WorkerLostError(RuntimeError):
-    """A Dask worker was lost and a chunk of images could not be computed.
-
-    Raised by a fit or a scoring method under
-    ``joblib.parallel_config(backend="dask")`` when a chunk's task failed
-    because its worker died (or the cluster was left without workers) more
-    often than the retries allow. A detector being fitted is left as it was.
-    """
 
 
 def map_chunks(job, images, *args, n_jobs=None, **kwargs):

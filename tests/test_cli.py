@@ -330,6 +330,8 @@ def test_invalid_value_shows_the_estimators_message(
 
 
 def test_missing_detector_class(train_dir, tmp_path, monkeypatch):
+    # Public names are imported lazily: drop it from the export table too.
+    monkeypatch.delitem(skpadim._EXPORTS, "CflowDetector")
     monkeypatch.delattr(skpadim, "CflowDetector", raising=False)
     result = invoke(
         "fit", train_dir, "-o", tmp_path / "m.joblib", "--detector", "cflow"

@@ -311,7 +311,7 @@ def test_dask_cluster_fit_equals_single_process_fit(png_paths, serial, test_imag
     assert {task["worker"] for task in tasks} <= workers
     keys = [task["key"] for task in tasks]
     assert sum("_chunk_moments" in key for key in keys) == len(workers) == 2
-    assert sum("_chunk_scores" in key for key in keys) >= 2
+    assert sum("_chunk_outputs" in key for key in keys) >= 2
     assert os.getpid() not in worker_pids.values()
 
 
