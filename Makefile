@@ -5,7 +5,7 @@ PIP = $(PYTHON) -m pip install --disable-pip-version-check -q
 # multi-GB CUDA wheel on its own.
 TORCH = torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint docs bench
+.PHONY: install demo test lint docs docs-full bench
 
 install:
 	$(PIP) $(TORCH)
@@ -21,10 +21,21 @@ lint:
 test: install lint
 	$(PYTHON) -m pytest -q
 
+# The docs with the example gallery executed. `make docs` (and CI) runs the
+# examples in quick mode, SKPADIM_EXAMPLES_QUICK=1: fewer, smaller images, a
+# few minutes on 2 CPU cores. `make docs-full` runs them at full size (much
+# longer on a CPU). Both write docs/_build/html; see CONTRIBUTING.md.
+SPHINX = MPLBACKEND=Agg SKPADIM_DOCS_RUN_EXAMPLES=1 $(PYTHON) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
 docs:
 	$(PIP) $(TORCH)
 	$(PIP) -e ".[docs]"
-	$(PYTHON) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	SKPADIM_EXAMPLES_QUICK=1 $(SPHINX)
+
+docs-full:
+	$(PIP) $(TORCH)
+	$(PIP) -e ".[docs]"
+	SKPADIM_EXAMPLES_QUICK=0 $(SPHINX)
 
 bench: install
 	$(PYTHON) benchmarks/bench_predict.py

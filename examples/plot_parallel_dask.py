@@ -19,6 +19,15 @@ cluster.
 
 The Dask part needs the ``dask`` extra (``pip install "skpadim[dask]"``, or
 ``pip install "dask[distributed]"``); without it, it is skipped.
+
+.. note::
+
+   With ``SKPADIM_EXAMPLES_QUICK=1`` the example fits on 48 images instead
+   of 192 and scores 16 instead of 32. The documentation build of the
+   continuous integration sets it, so the timings on this page may come
+   from that reduced run (the first printed line says which), where the
+   start-up of the workers weighs more; ``make docs-full`` builds the pages
+   from the full run.
 """
 
 # %%
@@ -48,9 +57,12 @@ from sklearn.metrics import roc_auc_score
 from skpadim import PadimDetector
 from skpadim.datasets import make_synthetic_defects
 
-N_TRAIN = 192
+# SKPADIM_EXAMPLES_QUICK=1 (set by the docs build in CI): a reduced run.
+QUICK = os.environ.get("SKPADIM_EXAMPLES_QUICK", "0") not in ("", "0")
+N_TRAIN, N_TEST = (48, 8) if QUICK else (192, 16)
+print(f"{'quick' if QUICK else 'full'} run")
 train = make_synthetic_defects(N_TRAIN, 0, image_size=128, random_state=0)
-test = make_synthetic_defects(16, 16, image_size=128, random_state=1)
+test = make_synthetic_defects(N_TEST, N_TEST, image_size=128, random_state=1)
 
 folder = tempfile.TemporaryDirectory(prefix="skpadim_parallel_")
 train_paths = []
@@ -180,7 +192,12 @@ if distributed is not None:
 # The partial moments are merged exactly, so the three detectors hold the
 # same statistics, up to floating-point rounding (the chunks are summed in
 # another order, and PyTorch may pick other kernels for other thread
-# counts).
+# counts). The threshold ``offset_`` agrees less closely: it is a quantile of
+# the training images' leave-one-out scores, which magnify rounding
+# differences, most of all when there are fewer training images than
+# embedding dimensions (48 images for 100 dimensions in the quick run); with
+# one job the fit scores the training embeddings it kept, with several jobs
+# it embeds the images again.
 
 
 def relative_difference(a, b):
@@ -205,7 +222,9 @@ for name, detector in fitted.items():
         f"{name} vs n_jobs=1: "
         + ", ".join(f"{k} {v:.1e}" for k, v in differences.items())
     )
-    assert differences["count"] == 0 and max(differences.values()) < 1e-6
+    assert differences["count"] == 0
+    assert max(differences["mean"], differences["scatter"]) < 1e-6
+    assert differences["offset_"] < 1e-3
 
 # %%
 # Scoring in parallel

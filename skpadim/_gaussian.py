@@ -314,6 +314,9 @@ class PatchGaussian(VersionedStateMixin, BaseEstimator):
             Patch embeddings of a batch of images.
         sample_ids : tensor of shape (n,) or None, default=None
             Given for training images, which are then scored leave-one-out.
+        patches : bool, default=True
+            Whether the caller needs the patch scores; ignored here, as the
+            image score is the maximum of the smoothed map made from them.
 
         Returns
         -------

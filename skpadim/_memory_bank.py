@@ -191,6 +191,9 @@ class PatchMemoryBank(VersionedStateMixin, BaseEstimator):
         sample_ids : tensor of shape (B,) or None
             For training images: their indices, so that no patch is matched
             with an entry of its own image.
+        patches : bool, default=True
+            Whether the caller needs the patch scores; ignored here, as the
+            re-weighted image score needs every patch's nearest entry.
 
         Returns
         -------
