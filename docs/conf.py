@@ -76,9 +76,7 @@ def _reset_gallery_if_mode_changed(gallery_dir, mode):
     stamp.write_text(mode + "\n")
 
 
-GALLERY_MODE = (
-    ("quick" if QUICK_EXAMPLES else "full") if RUN_EXAMPLES else "code-only"
-)
+GALLERY_MODE = ("quick" if QUICK_EXAMPLES else "full") if RUN_EXAMPLES else "code-only"
 _reset_gallery_if_mode_changed(DOCS_DIR / "auto_examples", GALLERY_MODE)
 
 # -- Project -----------------------------------------------------------------

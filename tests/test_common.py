@@ -61,6 +61,7 @@ def small(cls):
     """The small, fast setup of an estimator class."""
     return {**SMALL, **DETECTORS.get(cls, {})}
 
+
 # check name -> the image-native test (in this module) of the same property.
 IMAGE_NATIVE = {
     "check_fit_score_takes_y": "test_fit_accepts_and_ignores_y",
