@@ -22,9 +22,9 @@ test: install lint
 	$(PYTHON) -m pytest -q
 
 # The docs with the example gallery executed. `make docs` (and CI) runs the
-# examples in quick mode, SKPADIM_EXAMPLES_QUICK=1: fewer, smaller images, a
-# few minutes on 2 CPU cores. `make docs-full` runs them at full size (much
-# longer on a CPU). Both write docs/_build/html; see CONTRIBUTING.md.
+# examples in quick mode, SKPADIM_EXAMPLES_QUICK=1: fewer, smaller images,
+# about a minute on 2 idle CPU cores. `make docs-full` runs them at full size
+# (about 9 minutes there). Both write docs/_build/html; see CONTRIBUTING.md.
 SPHINX = MPLBACKEND=Agg SKPADIM_DOCS_RUN_EXAMPLES=1 $(PYTHON) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 docs:

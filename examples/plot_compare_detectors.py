@@ -29,13 +29,14 @@ We compare them twice:
 
    This example honours ``SKPADIM_EXAMPLES_QUICK=1``: it then uses fewer
    images, smaller frames (128 pixels instead of 224 for ELPV), fewer
-   CFLOW epochs and fewer SPADE neighbours, and runs in a few minutes on a
-   2-core CPU. The
+   CFLOW epochs and fewer SPADE neighbours, and runs in under a minute on an
+   idle 2-core CPU. The
    documentation build of the continuous integration sets it, so the
    figures and numbers on this page may come from the quick run; the
    first printed line says which. Without it (``make docs-full``), it runs
    at full size (360 cells at 224 pixels, 4 CFLOW epochs), which takes about
-   half an hour on a 2-core CPU, mostly to train CFLOW.
+   8 minutes on an idle 2-core CPU, mostly in PatchCore's coreset selection
+   and CFLOW's training.
 """
 
 # %%
@@ -198,16 +199,18 @@ fig.savefig(OUTPUT / "compare_detectors_elpv.png", dpi=100)
 
 # %%
 # Read the AUROCs with their spread across folds (the dots): a difference
-# between two detectors smaller than that spread says little, and a few
-# dozen training cells leave every method short of what it reaches with
-# hundreds. The costs are more stable. Gaussian AD, which summarises a whole
-# cell by its pooled features, is by far the cheapest to score, but it
-# cannot say where a defect is. PaDiM's model grows with the square of
+# between two detectors smaller than that spread says little, and a small
+# training set (40 cells per fold in the quick run) leaves every method
+# short of what it reaches with more. The costs are more stable. Gaussian AD
+# summarises a whole cell by its pooled features: its statistics are tiny,
+# but it cannot say where a defect is. PaDiM's model grows with the square of
 # ``n_features`` and with the frame, not with the number of images, and
-# CFLOW's is fixed by its flows; PatchCore's bank is small at
-# ``coreset_size=0.1``, and SPADE's model holds every training image's
-# feature pyramid, so its size and its scoring time grow with the training
-# set. CFLOW's fit time is set by its epochs.
+# CFLOW's is fixed by its flows. PatchCore's bank is small at
+# ``coreset_size=0.1``, but selecting it takes time that grows with the
+# square of the number of training patches. SPADE's model holds every
+# training image's feature pyramid, so its size grows with the training set,
+# as does the cost of its maps (its image score needs only its first stage).
+# CFLOW's fit time is set by its epochs.
 #
 # Times were measured on the machine that built this page and vary with its
 # load; their ratios are more telling than their values.

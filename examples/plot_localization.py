@@ -19,11 +19,10 @@ line, where defects are too rare to tune on.
 .. note::
 
    With ``SKPADIM_EXAMPLES_QUICK=1`` the example uses fewer images (40
-   training, 15 calibration, 20 normal and 30 defective test crops) and runs
-   in well under a minute on a 2-core CPU. The documentation build of the
-   continuous integration sets it, so the numbers on this page may come
-   from that reduced run (the first printed line says which);
-   ``make docs-full`` builds the pages from the full run.
+   training, 15 calibration, 20 normal and 30 defective test crops). The
+   documentation build of the continuous integration sets it, so the
+   numbers on this page may come from that reduced run (the first printed
+   line says which); ``make docs-full`` builds the pages from the full run.
 """
 
 # %%

@@ -19,11 +19,10 @@ ships with its ImageNet weights, and the images come with the
 .. note::
 
    With ``SKPADIM_EXAMPLES_QUICK=1`` the example keeps a random third of the
-   cells and resizes them to 160 pixels instead of 224, and runs in about a
-   minute on a 2-core CPU. The documentation build of the continuous
-   integration sets it, so the numbers on this page may come from that
-   reduced run (the first printed line says which); ``make docs-full``
-   builds the pages from the full run.
+   cells and resizes them to 160 pixels instead of 224. The documentation
+   build of the continuous integration sets it, so the numbers on this page
+   may come from that reduced run (the first printed line says which);
+   ``make docs-full`` builds the pages from the full run.
 """
 
 # %%
