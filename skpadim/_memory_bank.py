@@ -204,19 +204,19 @@ class PatchMemoryBank(VersionedStateMixin, BaseEstimator):
         """
         n, d, h, w = embeddings.shape
         device = embeddings.device
-        patches = embeddings.permute(0, 2, 3, 1).reshape(-1, d).float()
+        queries = embeddings.permute(0, 2, 3, 1).reshape(-1, d).float()
         bank = self._bank_on(device)
         groups = bank_groups = None
         if sample_ids is not None:
             groups = sample_ids.to(device).repeat_interleave(h * w)
             bank_groups = self._sources_on(device)
         distances, nearest = nearest_neighbors(
-            patches, bank, query_groups=groups, bank_groups=bank_groups
+            queries, bank, query_groups=groups, bank_groups=bank_groups
         )
         patch_scores = distances[:, 0].view(n, h * w)
         nearest = nearest[:, 0].view(n, h * w)
         image_scores = self._reweighted(
-            patches.view(n, h * w, d), patch_scores, nearest, sample_ids
+            queries.view(n, h * w, d), patch_scores, nearest, sample_ids
         )
         return patch_scores.view(n, h, w), image_scores
 
