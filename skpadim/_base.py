@@ -40,6 +40,7 @@ from ._maps import image_scores, patch_scores_to_maps, to_input_frames
 from ._parallel import map_chunks, torch_threads
 from ._persistence import VersionedStateMixin
 from ._resources import check_fit_memory
+from ._scratch import reuse_buffers
 from .backbones import get_backbone_spec
 
 # Parameters that change how a fitted model runs, not what it learned: they
@@ -251,13 +252,14 @@ class BaseImageDetector(
         if cache is not None:
             ids = torch.arange(len(images), dtype=torch.int64)
             scores, start = [], 0
-            for features in cache:
-                batch_ids = ids[start : start + _batch_len(features)]
-                start += len(batch_ids)
-                image, _ = score_features(
-                    head, features, frame_shape, sigma, sample_ids=batch_ids
-                )
-                scores.append(image.cpu().numpy())
+            with reuse_buffers():
+                for features in cache:
+                    batch_ids = ids[start : start + _batch_len(features)]
+                    start += len(batch_ids)
+                    image, _ = score_features(
+                        head, features, frame_shape, sigma, sample_ids=batch_ids
+                    )
+                    scores.append(image.cpu().numpy())
             return -np.concatenate(scores).astype(np.float64)
         parts = map_chunks(
             _chunk_outputs,
@@ -567,7 +569,9 @@ def _chunk_outputs(
     """
     scores, all_maps = [], []
     position = start
-    with torch_threads(n_threads):
+    # Each batch's embeddings and temporaries are dead once its scores and
+    # maps are copied out below, so the next batch may reuse their memory.
+    with torch_threads(n_threads), reuse_buffers():
         for batch, features in extractor.embed_batches(
             images, "score", kind=head.input_kind
         ):

@@ -16,13 +16,23 @@ import sklearn
 import torch
 
 
-def cache_budget():
-    """Bytes of embeddings kept in RAM: scikit-learn's ``working_memory``.
-
-    Change it with ``sklearn.set_config(working_memory=MiB)`` or, for one
-    fit, ``with sklearn.config_context(working_memory=MiB): det.fit(X)``.
-    """
+def working_memory_bytes():
+    """scikit-learn's ``working_memory`` in bytes: the bound on a fit's large
+    working arrays (PatchCore's patch buffers, CFLOW's epoch cache)."""
     return int(sklearn.get_config()["working_memory"] * 2**20)
+
+
+def cache_budget():
+    """Bytes of a one-pass fit's embeddings kept in RAM before the rest spills.
+
+    A sixteenth of scikit-learn's ``working_memory``: 64 MiB by default,
+    enough for about 50 PaDiM images at 224 px, so that a fit's resident
+    memory stays flat as the number of images grows (files in the temporary
+    directory are written through the page cache, not held by the process).
+    Change it with ``sklearn.set_config(working_memory=16 * MiB)`` or, for
+    one fit, ``with sklearn.config_context(working_memory=16 * MiB): ...``.
+    """
+    return working_memory_bytes() // 16
 
 
 def _nbytes(features):

@@ -23,7 +23,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 
 from ._base import BasePatchDetector, iter_features, score_features
-from ._cache import FeatureCache, cache_budget
+from ._cache import FeatureCache, working_memory_bytes
 from ._docstrings import fill_doc
 from ._flow import FlowPyramid
 from .backbones import get_backbone_spec
@@ -551,7 +551,7 @@ class CflowDetector(BasePatchDetector):
             * math.ceil(grid_shape[1] * finest / s)
             for c, s in zip(channels, strides)
         )
-        cache = min(cache_budget(), per_image * n_images)
+        cache = min(working_memory_bytes(), per_image * n_images)
         return 4 * n_params * copies + activations + cache
 
     # --------------------------------------------------------------- fit
@@ -637,7 +637,7 @@ class CflowDetector(BasePatchDetector):
         )
         held = _held_out_indices(len(images), self.validation_fraction, split_seed)
         trained = np.setdiff1d(np.arange(len(images)), held)
-        budget = cache_budget()
+        budget = working_memory_bytes()
         share = len(trained) / len(images)
         device = extractor.device_
         train_cache = FeatureCache(budget=int(budget * share), device=device)

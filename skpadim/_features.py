@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ._images import Preprocessing, check_images, check_size
 from ._moments import PatchMoments, positions_first
 from ._persistence import VersionedStateMixin
+from ._scratch import scratch
 from .backbones import build_feature_network, get_backbone_spec
 from .backbones._inference import optimize_for_inference
 from .backbones._registry import build_uninitialised
@@ -531,12 +532,32 @@ class _Runtime:
 
     def concat(self, parts, size):
         """Reduced taps -> one (B, n_features, h, w) tensor on the ``size`` grid
-        (the finest tap's, even when none of its channels was kept)."""
+        (the finest tap's, even when none of its channels was kept).
+
+        The result is a view of a positions-first (h, w, B, n_features)
+        buffer: that is the layout the per-position statistics and scores
+        work in, so they need no further copy, and each tap is written into
+        it once, upsampled on the way (see :func:`upsample_into`).
+        """
         with torch.inference_mode():
-            parts = [self._upsample(part, size) for part in parts]
             if self.components is not None:
+                parts = [self._upsample(part, size) for part in parts]
                 return sum(parts) - self.pca_shift
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            n_images = parts[0].shape[0]
+            n_features = sum(part.shape[1] for part in parts)
+            buffer = scratch(
+                "embedding",
+                (*size, n_images, n_features),
+                dtype=parts[0].dtype,
+                device=parts[0].device,
+            )
+            embeddings = buffer.permute(2, 3, 0, 1)
+            start = 0
+            for part in parts:
+                stop = start + part.shape[1]
+                upsample_into(embeddings[:, start:stop], part, self.upsampling)
+                start = stop
+            return embeddings
 
     def _upsample(self, tap, size):
         if tap.shape[-2:] == size:
@@ -557,3 +578,35 @@ class _Runtime:
         if len(local) == stop - start:  # every channel kept: no copy
             return tap
         return tap[:, torch.as_tensor(local, device=tap.device)]
+
+
+def upsample_into(out, tap, mode):
+    """Write ``tap`` (B, k, h, w), upsampled to ``out``'s grid, into ``out``.
+
+    Nearest upsampling by a power-of-two factor is a block repetition, done
+    as a broadcast copy straight into ``out``, with no upsampled temporary;
+    other cases go through :func:`torch.nn.functional.interpolate`. (With a
+    power of two the scale is exact in floating point, so the source index
+    ``floor(i / factor)`` is the one ``interpolate`` picks.)
+    """
+    height, width = out.shape[-2:]
+    tap_height, tap_width = tap.shape[-2:]
+    if (tap_height, tap_width) == (height, width):
+        out.copy_(tap)
+        return
+    fy, fx = height // tap_height, width // tap_width
+    if (
+        mode == "nearest"
+        and (fy * tap_height, fx * tap_width) == (height, width)
+        and _is_power_of_two(fy)
+        and _is_power_of_two(fx)
+    ):
+        blocks = out.unflatten(3, (tap_width, fx)).unflatten(2, (tap_height, fy))
+        blocks.copy_(tap[:, :, :, None, :, None].expand_as(blocks))
+        return
+    align = None if mode == "nearest" else False
+    out.copy_(F.interpolate(tap, size=(height, width), mode=mode, align_corners=align))
+
+
+def _is_power_of_two(n):
+    return n > 0 and n & (n - 1) == 0

@@ -11,21 +11,25 @@ import numbers
 
 import numpy as np
 import torch
+from scipy.linalg import lapack
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._moments import PatchMoments, positions_first
 from ._persistence import VersionedStateMixin
+from ._scratch import scratch
 
 
 def whitening_factors(moments, epsilon, *, chunk_size=256):
     """Per-position inverse Cholesky factors W = L^-1 with W Sigma W^T = I.
 
-    Computed in float64 with a batched Cholesky and a triangular solve, a
-    chunk of positions at a time so the float64 temporaries stay small; no
-    general matrix inverse is formed (batched ``inv`` is fragile on some CPU
-    LAPACK builds and less accurate).
+    Computed in float64, a chunk of positions at a time so the float64
+    temporaries stay small; no general matrix inverse is formed (batched
+    ``inv`` is fragile on some CPU LAPACK builds and less accurate). On the
+    CPU each position goes straight to LAPACK (``dpotrf`` then ``dtrtri``,
+    in place): about twice as fast as torch's batched Cholesky and
+    triangular solve there, which also materialise an identity per position.
 
     Returns
     -------
@@ -34,39 +38,69 @@ def whitening_factors(moments, epsilon, *, chunk_size=256):
     n_positions, n_features = moments.shape
     device = moments.mean.device
     out = torch.empty(n_positions, n_features, n_features, device=device)
-    eye = torch.eye(n_features, dtype=torch.float64, device=device)
+    factor_block = (
+        _lapack_inverse_cholesky if device.type == "cpu" else _torch_inverse_cholesky
+    )
     for start in range(0, n_positions, chunk_size):
         block = slice(start, start + chunk_size)
-        factor, info = torch.linalg.cholesky_ex(moments.covariance(epsilon, block))
-        if int(info.max()) > 0:
+        covariance = moments.covariance(epsilon, block)
+        if not factor_block(covariance, out[block]):
             raise ValueError(
                 "A covariance matrix is not positive definite; epsilon must be > 0 "
                 f"(got {epsilon})."
             )
-        inverse = torch.linalg.solve_triangular(
-            factor, eye.expand_as(factor), upper=False
-        )
-        out[block] = inverse.to(torch.float32)
     return out
 
 
-def mahalanobis(x, mean, whitening):
-    """Mahalanobis distances of a batch, one Gaussian per position.
+def _lapack_inverse_cholesky(covariance, out):
+    """Write L^-1 of each float64 CPU matrix into ``out``; False if one is not
+    positive definite."""
+    matrices = covariance.numpy()
+    target = out.numpy()
+    for i, matrix in enumerate(matrices):
+        # A symmetric C-ordered matrix is its own Fortran-ordered transpose,
+        # so LAPACK can work on it in place.
+        factor, info = lapack.dpotrf(matrix.T, lower=1, clean=1, overwrite_a=1)
+        if info != 0:
+            return False
+        inverse, info = lapack.dtrtri(factor, lower=1, overwrite_c=1)
+        if info != 0:
+            return False
+        target[i] = inverse
+    return True
+
+
+def _torch_inverse_cholesky(covariance, out):
+    """:func:`_lapack_inverse_cholesky` for any device, batched in torch."""
+    factor, info = torch.linalg.cholesky_ex(covariance)
+    if int(info.max()) > 0:
+        return False
+    eye = torch.eye(covariance.shape[-1], dtype=factor.dtype, device=factor.device)
+    out.copy_(torch.linalg.solve_triangular(factor, eye.expand_as(factor), upper=False))
+    return True
+
+
+def whitened_norms(x, shift, whitening_t):
+    """||x W^T - shift|| per position and sample, with ``shift = (W mean)^T``.
+
+    Folding the mean into the shift turns centring and whitening into one
+    batched ``baddbmm`` that reads the samples once, written into a scratch
+    buffer (see :mod:`skpadim._scratch`).
 
     Parameters
     ----------
     x : tensor of shape (n_positions, n_samples, n_features)
-    mean : tensor of shape (n_positions, n_features)
-    whitening : tensor of shape (n_positions, n_features, n_features)
-        Lower-triangular W with W Sigma W^T = I.
+    shift : tensor of shape (n_positions, 1, n_features)
+    whitening_t : tensor of shape (n_positions, n_features, n_features)
+        The transposed whitening factors, W^T.
 
     Returns
     -------
     tensor of shape (n_positions, n_samples)
-        ||W (x - mean)||, computed as one batched matrix product.
     """
-    centred = x - mean.unsqueeze(1)
-    return torch.bmm(centred, whitening.transpose(1, 2)).norm(dim=2)
+    whitened = scratch("whitened", tuple(x.shape), dtype=x.dtype, device=x.device)
+    torch.baddbmm(shift, x, whitening_t, beta=-1, out=whitened)
+    return torch.linalg.vector_norm(whitened, dim=2)
 
 
 def leave_one_out(distances, n_samples):
@@ -298,10 +332,9 @@ class PatchGaussian(VersionedStateMixin, BaseEstimator):
         tensor of shape (n, h, w) or (n,), float32
             The (not squared) distance of each sample at each position.
         """
-        mean, whitening = self._params_on(embeddings.device)
-        dist = mahalanobis(
-            positions_first(embeddings.to(torch.float32)), mean, whitening
-        )
+        shift, whitening_t = self._params_on(embeddings.device)
+        x = positions_first(embeddings.to(torch.float32))
+        dist = whitened_norms(x, shift, whitening_t)
         dist = dist.T.reshape(embeddings.shape[:1] + embeddings.shape[2:])
         return leave_one_out(dist, self.n_samples_seen_) if leave_out else dist
 
@@ -332,10 +365,12 @@ class PatchGaussian(VersionedStateMixin, BaseEstimator):
         # more than the scoring itself on a GPU.
         cache = self.__dict__.setdefault("_device_params", {})
         if device not in cache:
-            cache[device] = (
-                torch.as_tensor(self.location_, device=device),
-                torch.as_tensor(self.whitening_, device=device),
-            )
+            mean = torch.as_tensor(self.location_, device=device)
+            whitening_t = torch.as_tensor(self.whitening_, device=device).mT
+            # W mu, in float64: the shift is subtracted from products of the
+            # size of the features, so it must not add rounding of its own.
+            shift = torch.bmm(mean.double().unsqueeze(1), whitening_t.double())
+            cache[device] = (shift.float(), whitening_t)
         return cache[device]
 
     def mahalanobis(self, X):

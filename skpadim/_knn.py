@@ -216,13 +216,13 @@ def _propose(queries, bank, centre, query_groups, bank_groups, n_candidates, b_r
     and the running selection stays ordered by (distance, index), so that
     ties go to the lowest index.
     """
-    query_sq = queries.square().sum(dim=1, keepdim=True)
     best_d = best_i = None
     for start in range(0, bank.shape[0], b_rows):
         stop = min(start + b_rows, bank.shape[0])
         block = bank[start:stop].float() - centre
+        # |b|² - 2 q·b: the squared distance less |q|², which is the same for
+        # every entry of a row and so cannot change its ranking.
         squared = torch.addmm(block.square().sum(dim=1), queries, block.T, alpha=-2)
-        squared.add_(query_sq)
         if query_groups is not None:
             own = query_groups[:, None] == bank_groups[None, start:stop]
             squared.masked_fill_(own, float("inf"))
@@ -243,17 +243,20 @@ def _propose(queries, bank, centre, query_groups, bank_groups, n_candidates, b_r
 
 def _smallest(values, k):
     """The k smallest of each row, ordered by (value, column), ties to low columns."""
-    found, columns = torch.topk(values, k, dim=1, largest=False)
-    if k < values.shape[1]:
-        # topk breaks ties arbitrarily: where the k-th value is shared with a
-        # column it left out, redo the row with a stable sort. Infinite values
-        # (excluded entries) never end up among the neighbours, so skip them.
-        kth = found[:, -1:]
-        crowded = ((values <= kth).sum(dim=1) > k) & torch.isfinite(kth[:, 0])
-        rows = torch.nonzero(crowded).flatten()
-        if rows.numel():
-            redone, order = torch.sort(values[rows], dim=1, stable=True)
-            found[rows], columns[rows] = redone[:, :k], order[:, :k]
+    if k == values.shape[1]:
+        return _sort_pairs(*torch.sort(values, dim=1))
+    # One more than asked: topk breaks ties arbitrarily, so where the k-th
+    # value equals the (k+1)-th, a tied column may have been left out; redo
+    # those rows with a stable sort. Infinite values (excluded entries) never
+    # end up among the neighbours, so skip them.
+    found, columns = torch.topk(values, k + 1, dim=1, largest=False)
+    kth = found[:, k - 1]
+    crowded = (found[:, k] == kth) & torch.isfinite(kth)
+    found, columns = found[:, :k], columns[:, :k]
+    rows = torch.nonzero(crowded).flatten()
+    if rows.numel():
+        redone, order = torch.sort(values[rows], dim=1, stable=True)
+        found[rows], columns[rows] = redone[:, :k], order[:, :k]
     return _sort_pairs(found, columns)
 
 

@@ -28,8 +28,8 @@ class PadimDetector(BasePatchDetector):
     per-position statistics (``h * w * n_features**2`` floats), whatever the
     number of images. The backbone runs once per training image; the
     embeddings needed to score the training images for ``offset_`` are kept
-    in a bounded cache (scikit-learn's ``working_memory`` in RAM, the rest in
-    a temporary file).
+    in a bounded cache: a sixteenth of scikit-learn's ``working_memory`` in
+    RAM (64 MiB by default), the rest in a temporary directory.
 
     Parameters
     ----------
@@ -143,10 +143,11 @@ class PadimDetector(BasePatchDetector):
         return head.set_moments(moments, parts[0][1]), cache
 
     def _fit_nbytes(self, grid_shape, n_features, n_images):
-        # Each job accumulates float64 scatters; the merged ones are factored
-        # into float32 whitening matrices.
+        # Each job accumulates float64 scatters and a pending float32 block
+        # (see PatchMoments); the merged ones are factored into float32
+        # whitening matrices.
         entries = grid_shape[0] * grid_shape[1] * n_features**2
-        return entries * (8 * effective_n_jobs(self.n_jobs) + 4)
+        return entries * (12 * effective_n_jobs(self.n_jobs) + 4)
 
 
 def _chunk_moments(

@@ -9,7 +9,7 @@ from joblib import effective_n_jobs
 from sklearn.utils._param_validation import Interval
 
 from ._base import BasePatchDetector, iter_features
-from ._cache import cache_budget
+from ._cache import working_memory_bytes
 from ._coreset import k_center_greedy
 from ._docstrings import fill_doc
 from ._memory_bank import PatchMemoryBank, coreset_target, seed_of
@@ -181,7 +181,7 @@ class PatchCoreDetector(BasePatchDetector):
         # Per job: the buffer of raw patches (bounded by working_memory) and
         # its projection; then the bank.
         n_patches = n_images * grid_shape[0] * grid_shape[1]
-        raw = min(n_patches * n_features * 4, cache_budget())
+        raw = min(n_patches * n_features * 4, working_memory_bytes())
         bank = coreset_target(self.coreset_size, n_patches) * n_features * 4
         return effective_n_jobs(self.n_jobs) * 2 * raw + 2 * bank
 
@@ -202,7 +202,7 @@ def _chunk_coreset(
 
     Returns (patches (m, d) float32 CPU, source image ids (m,), patches seen).
     """
-    budget = cache_budget()
+    budget = working_memory_bytes()
     kept, buffer = [], []
     buffered = seen = 0
     image_id = start

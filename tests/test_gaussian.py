@@ -50,6 +50,39 @@ def test_streaming_moments_match_numpy_cov(offset):
     assert_rel_close(moments.scatter.numpy() / 36, covs, 1e-9)
 
 
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+def test_float32_batches_match_numpy_cov_across_flushes(monkeypatch, offset):
+    # float32 batches are summed in float32 around a reference and merged into
+    # float64 every FLUSH_SAMPLES samples: a small threshold makes this data
+    # cross several merges, one of them inside a batch.
+    monkeypatch.setattr(PatchMoments, "FLUSH_SAMPLES", 16)
+    rng = np.random.default_rng(10)
+    scale = rng.uniform(0.5, 2, size=(1, 5, 1, 1))
+    X = (offset + rng.normal(size=(70, 5, 3, 4)) * scale).astype(np.float32)
+    means, covs = reference_moments(X.astype(np.float64))
+    moments = PatchMoments.empty(12, 5)
+    for chunk in np.split(X, [1, 4, 5, 20, 36, 50]):
+        moments.update(positions_first(torch.from_numpy(chunk)))
+    assert moments.count == 70
+    assert_rel_close(moments.mean.numpy(), means, 1e-6)
+    assert_rel_close(moments.scatter.numpy() / 69, covs, 1e-5)
+    assert moments.mean.dtype == moments.scatter.dtype == torch.float64
+
+
+def test_float32_sums_are_merged_before_pickling_and_merging():
+    rng = np.random.default_rng(11)
+    x = torch.from_numpy(rng.normal(size=(4, 30, 3)).astype(np.float32))
+    reference = PatchMoments.from_batch(x.double())
+    pending = PatchMoments.from_batch(x)  # below FLUSH_SAMPLES: nothing merged
+    assert pending._pending is not None and pending.count == 30
+    restored = pickle.loads(pickle.dumps(pending))
+    assert restored._pending is None
+    np.testing.assert_allclose(restored.scatter, reference.scatter, rtol=1e-5)
+    half = PatchMoments.from_batch(x[:, :10]).merge(PatchMoments.from_batch(x[:, 10:]))
+    np.testing.assert_allclose(half.scatter, reference.scatter, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(half.mean, reference.mean, rtol=1e-6, atol=1e-6)
+
+
 def test_partial_fit_uneven_batches_matches_fit_and_numpy():
     rng = np.random.default_rng(1)
     X = 1e4 + rng.normal(size=(40, 6, 2, 3))
@@ -182,3 +215,25 @@ def test_empty_batch_leaves_moments_unchanged():
     assert moments.count == 2 and torch.equal(
         moments.mean, torch.ones(3, 4, dtype=torch.float64)
     )
+
+
+@pytest.mark.parametrize(
+    "factor", ["_lapack_inverse_cholesky", "_torch_inverse_cholesky"]
+)
+def test_both_factorisations_agree_and_refuse_singular_matrices(factor):
+    from skpadim import _gaussian
+
+    rng = np.random.default_rng(12)
+    moments = PatchMoments.from_batch(torch.from_numpy(rng.normal(size=(5, 40, 6))))
+    covariance = moments.covariance(0.01)
+    out = torch.empty(5, 6, 6)
+    assert getattr(_gaussian, factor)(covariance.clone(), out)
+    expected = np.linalg.inv(np.linalg.cholesky(covariance.numpy()))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    # Too few samples and no regulariser: singular, refused rather than NaN.
+    singular = PatchMoments.from_batch(torch.from_numpy(rng.normal(size=(2, 3, 6))))
+    assert not getattr(_gaussian, factor)(
+        singular.covariance(0.0), torch.empty(2, 6, 6)
+    )
+    with pytest.raises(ValueError, match="not positive definite"):
+        whitening_factors(singular, 0.0)
