@@ -95,10 +95,14 @@ class BaseImageDetector(
 
     # ------------------------------------------------------------ hooks
     @abstractmethod
-    def _fit_head(self, images, extractor, frame_shape, *, previous=None):
+    def _fit_head(
+        self, images, extractor, frame_shape, *, previous=None, partial=False
+    ):
         """Fit the head on validated images; return ``(head, cache)``.
 
-        ``previous`` is the fitted head to update (``partial_fit``). ``cache``
+        ``previous`` is the fitted head to update (``partial_fit``);
+        ``partial`` says the call comes from ``partial_fit``, also the first
+        one (a head trained in epochs then runs a single epoch). ``cache``
         is what ``_training_scores`` needs besides the head: by default a
         :class:`FeatureCache` of the images' features in order, reused to
         score the training images without a second backbone pass, or None
@@ -216,9 +220,9 @@ class BaseImageDetector(
         """
         first = not hasattr(self, "offset_")
         images = check_images(X, min_samples=self._min_train_images if first else 1)
-        return self._fit_images(images, previous=None if first else self)
+        return self._fit_images(images, previous=None if first else self, partial=True)
 
-    def _fit_images(self, images, *, previous):
+    def _fit_images(self, images, *, previous, partial=False):
         """Fit (``previous=None``) or update; attributes are set at the end only,
         so a failure leaves a fitted detector as it was."""
         if previous is None:
@@ -228,7 +232,9 @@ class BaseImageDetector(
         else:
             extractor, frame_shape = self.feature_extractor_, self.frame_shape_
             head = getattr(self, self._head_attribute)
-        head, cache = self._fit_head(images, extractor, frame_shape, previous=head)
+        head, cache = self._fit_head(
+            images, extractor, frame_shape, previous=head, partial=partial
+        )
         try:
             scores = self._training_scores(images, extractor, head, frame_shape, cache)
         finally:

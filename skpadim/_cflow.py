@@ -11,7 +11,6 @@ log-likelihoods into image-independent patch scores.
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import math
 import numbers
@@ -31,9 +30,6 @@ from .backbones import get_backbone_spec
 # Images whose fibers are shuffled together (the reference's image batch).
 # Fixed, so that what is learned does not depend on the run-time batch_size.
 _SHUFFLE_GROUP = 32
-
-# Set by partial_fit: the fit hook then runs one epoch, even on a first call.
-_ONE_EPOCH = contextvars.ContextVar("skpadim_cflow_one_epoch", default=False)
 
 
 class _FlowHead:
@@ -575,11 +571,7 @@ class CflowDetector(BasePatchDetector):
         self : object
             The updated detector.
         """
-        token = _ONE_EPOCH.set(True)
-        try:
-            return super().partial_fit(X, y)
-        finally:
-            _ONE_EPOCH.reset(token)
+        return super().partial_fit(X, y)
 
     def fit_predict(self, X, y=None):
         """Fit on ``X`` and label its images.
@@ -611,8 +603,8 @@ class CflowDetector(BasePatchDetector):
             scores = self.train_scores_
         return np.where(scores - self.offset_ >= 0, 1, -1)
 
-    def _fit_images(self, images, *, previous):
-        super()._fit_images(images, previous=previous)
+    def _fit_images(self, images, *, previous, partial=False):
+        super()._fit_images(images, previous=previous, partial=partial)
         # The base has set every attribute: expose the head's history.
         head = self.flow_
         self.n_iter_ = head.n_iter_
@@ -624,8 +616,10 @@ class CflowDetector(BasePatchDetector):
         self.validation_indices_ = head.validation_indices_.copy()
         return self
 
-    def _fit_head(self, images, extractor, frame_shape, *, previous=None):
-        one_epoch = previous is not None or _ONE_EPOCH.get()
+    def _fit_head(
+        self, images, extractor, frame_shape, *, previous=None, partial=False
+    ):
+        one_epoch = partial
         if previous is None and self.warm_start and not one_epoch:
             previous = getattr(self, "flow_", None)
             warm = True

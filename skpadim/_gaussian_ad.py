@@ -198,7 +198,9 @@ class GaussianADDetector(BaseImageDetector):
         self.n_jobs = n_jobs
         self.verbose = verbose
 
-    def _fit_head(self, images, extractor, frame_shape, *, previous=None):
+    def _fit_head(
+        self, images, extractor, frame_shape, *, previous=None, partial=False
+    ):
         parts = map_chunks(
             _chunk_pooled, images, extractor, frame_shape, n_jobs=self.n_jobs
         )

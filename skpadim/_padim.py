@@ -121,7 +121,9 @@ class PadimDetector(BasePatchDetector):
         self.n_jobs = n_jobs
         self.verbose = verbose
 
-    def _fit_head(self, images, extractor, frame_shape, *, previous=None):
+    def _fit_head(
+        self, images, extractor, frame_shape, *, previous=None, partial=False
+    ):
         if previous is not None and previous.moments_ is None:
             raise ValueError(
                 "This PadimDetector was loaded from a file without its streaming "

@@ -144,7 +144,9 @@ class PatchCoreDetector(BasePatchDetector):
         self.n_jobs = n_jobs
         self.verbose = verbose
 
-    def _fit_head(self, images, extractor, frame_shape, *, previous=None):
+    def _fit_head(
+        self, images, extractor, frame_shape, *, previous=None, partial=False
+    ):
         head = PatchMemoryBank(
             coreset_size=self.coreset_size,
             n_neighbors=self.n_neighbors,
