@@ -367,10 +367,8 @@ class PatchGaussian(VersionedStateMixin, BaseEstimator):
         if device not in cache:
             mean = torch.as_tensor(self.location_, device=device)
             whitening_t = torch.as_tensor(self.whitening_, device=device).mT
-            # W mu, in float64: the shift is subtracted from products of the
-            # size of the features, so it must not add rounding of its own.
-            shift = torch.bmm(mean.double().unsqueeze(1), whitening_t.double())
-            cache[device] = (shift.float(), whitening_t)
+            # (W mu)^T, rounded like the products x W^T it is subtracted from.
+            cache[device] = (torch.bmm(mean.unsqueeze(1), whitening_t), whitening_t)
         return cache[device]
 
     def mahalanobis(self, X):

@@ -63,6 +63,12 @@ class PatchMoments:
     def scatter(self):
         """Per-position centred scatters, float64, (n_positions, d, d)."""
         self._flush()
+        if self._scatter is None:
+            self._scatter = torch.zeros(
+                self._mean.shape + self._mean.shape[-1:],
+                dtype=torch.float64,
+                device=self._mean.device,
+            )
         return self._scatter
 
     @classmethod
@@ -84,10 +90,11 @@ class PatchMoments:
             Zero count, mean and scatter.
         """
         mean = torch.zeros(n_positions, n_features, dtype=torch.float64, device=device)
-        scatter = torch.zeros(
-            n_positions, n_features, n_features, dtype=torch.float64, device=device
-        )
-        return cls(0, mean, scatter)
+        moments = cls(0, mean, torch.empty(0, dtype=torch.float64))
+        # The scatter is zeros, made only when first needed: a first float32
+        # flush writes it whole, so the zero-filling pass is skipped.
+        moments._scatter = None
+        return moments
 
     @classmethod
     def from_batch(cls, x):
@@ -133,14 +140,15 @@ class PatchMoments:
         if x.dtype == torch.float32:
             return self._accumulate(x)
         self._flush()
+        scatter = self.scatter
         x = x.to(torch.float64)
         n_new = x.shape[1]
         batch_mean = x.mean(dim=1)
         centred = x - batch_mean.unsqueeze(1)
         total = self._count + n_new
         delta = batch_mean - self._mean
-        self._scatter.baddbmm_(centred.transpose(1, 2), centred)
-        self._scatter.baddbmm_(
+        scatter.baddbmm_(centred.transpose(1, 2), centred)
+        scatter.baddbmm_(
             delta.unsqueeze(2), delta.unsqueeze(1), alpha=self._count * n_new / total
         )
         self._mean.add_(delta, alpha=n_new / total)
@@ -153,8 +161,11 @@ class PatchMoments:
         if pending is None:
             pending = self._pending = _PendingSums(x.mean(dim=1))
         centred = x - pending.reference.unsqueeze(1)
-        pending.scatter.baddbmm_(centred.transpose(1, 2), centred)
-        pending.total.add_(centred.sum(dim=1, dtype=torch.float64))
+        # beta=0 on the first batch: the buffer is uninitialised memory.
+        first = 0.0 if pending.count == 0 else 1.0
+        pending.scatter.baddbmm_(centred.transpose(1, 2), centred, beta=first)
+        # A float32 sum over one batch, accumulated in float64.
+        pending.total.add_(centred.sum(dim=1))
         pending.count += x.shape[1]
         if pending.count >= self.FLUSH_SAMPLES:
             self._flush()
@@ -172,7 +183,10 @@ class PatchMoments:
         batch_mean = pending.reference.double() + shift
         total = self._count + m
         delta = batch_mean - self._mean
-        self._scatter.add_(pending.scatter)
+        if self._scatter is None:  # the first merge: a copy, not a sum
+            self._scatter = pending.scatter.to(torch.float64)
+        else:
+            self._scatter.add_(pending.scatter)
         # Both rank-one corrections in one batched product.
         left = torch.stack([shift, delta], dim=2)
         right = torch.stack([-m * shift, (self._count * m / total) * delta], dim=1)
@@ -297,7 +311,7 @@ class _PendingSums:
         self.total = torch.zeros(
             n_positions, n_features, dtype=torch.float64, device=reference.device
         )
-        self.scatter = torch.zeros(
+        self.scatter = torch.empty(
             n_positions, n_features, n_features, device=reference.device
         )
 

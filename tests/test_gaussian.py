@@ -237,3 +237,22 @@ def test_both_factorisations_agree_and_refuse_singular_matrices(factor):
     )
     with pytest.raises(ValueError, match="not positive definite"):
         whitening_factors(singular, 0.0)
+
+
+def test_pending_sums_never_read_their_uninitialised_buffer(monkeypatch):
+    # The float32 block is allocated uninitialised and the first batch
+    # overwrites it (beta=0): poison it to prove nothing of it leaks through.
+    from skpadim import _moments
+
+    init = _moments._PendingSums.__init__
+
+    def poisoned(self, reference):
+        init(self, reference)
+        self.scatter.fill_(float("nan"))
+
+    monkeypatch.setattr(_moments._PendingSums, "__init__", poisoned)
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(3, 20, 4)).astype(np.float32)
+    moments = PatchMoments.from_batch(torch.from_numpy(x))
+    expected = PatchMoments.from_batch(torch.from_numpy(x.astype(np.float64)))
+    np.testing.assert_allclose(moments.scatter, expected.scatter, rtol=1e-5, atol=1e-6)
