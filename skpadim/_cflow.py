@@ -196,19 +196,38 @@ def _train_epoch(pyramid, optimizers, cache, fiber_batch_size, generator):
     counts = [0] * n_levels
     for group in cache:
         for level, tap in enumerate(group):
-            # Cached taps are inference tensors: copy them for autograd.
-            fibers, conds = pyramid.to_fibers(tap.clone())
+            n_images, n_channels, height, width = tap.shape
+            # Cached taps are inference tensors: the reshape copies them.
+            fibers = tap.permute(0, 2, 3, 1).reshape(-1, n_channels).clone()
+            positions = pyramid.position_conditions(
+                height, width, dtype=tap.dtype, device=tap.device
+            )
             n_fibers = len(fibers)
             order = torch.randperm(n_fibers, generator=generator).to(fibers.device)
+            # Fiber (b * h + i) * w + j is at position i * w + j.
+            where = order % (height * width)
             optimizer = optimizers[level]
-            for chunk in torch.tensor_split(order, -(-n_fibers // fiber_batch_size)):
-                loss = pyramid.fiber_loss(level, fibers[chunk], conds[chunk])
+            n_steps = -(-n_fibers // fiber_batch_size)
+            for chunk, at in zip(
+                torch.tensor_split(order, n_steps), torch.tensor_split(where, n_steps)
+            ):
+                loss = pyramid.fiber_loss(level, fibers[chunk], positions[at])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 totals[level] = totals[level] + loss.detach() * len(chunk)
             counts[level] += n_fibers
     return float(np.mean([float(t) / c for t, c in zip(totals, counts)]))
+
+
+def _adam(flow, learning_rate):
+    """Adam on a flow's parameters: torch's fused kernel (one call per step
+    for all parameters, the same update up to float rounding) where the
+    device has it, else the default implementation."""
+    try:
+        return torch.optim.Adam(flow.parameters(), lr=learning_rate, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(flow.parameters(), lr=learning_rate)
 
 
 def _level_log_probs(pyramid, cache):
@@ -715,10 +734,7 @@ class CflowDetector(BasePatchDetector):
         head = self._new_head(level_channels, previous, warm)
         pyramid = head.new_pyramid(device, random_state=init_seed)
         pyramid.train()
-        optimizers = [
-            torch.optim.Adam(flow.parameters(), lr=self.learning_rate_init)
-            for flow in pyramid.flows
-        ]
+        optimizers = [_adam(flow, self.learning_rate_init) for flow in pyramid.flows]
         early = self.early_stopping and not one_epoch and held_cache is not None
         if early:
             head.validation_scores_ = list(head.validation_scores_ or [])
