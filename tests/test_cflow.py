@@ -21,7 +21,7 @@ from test_detector import paste_patches
 
 from skpadim import _cflow, _features, _resources
 from skpadim._cflow import CflowDetector, _flow_n_parameters, _regroup
-from skpadim._flow import FlowPyramid
+from skpadim._flow import FlowPyramid, positional_encoding
 from skpadim._parallel import torch_threads
 from skpadim.backbones import get_backbone_spec
 
@@ -440,3 +440,40 @@ def test_memory_estimate_counts_the_flows_and_refuses_early(monkeypatch):
     monkeypatch.setattr(_features, "build_feature_network", refuse_network)
     with pytest.raises(ValueError, match="CflowDetector fit"):
         det.fit(X)
+
+
+def test_each_training_fiber_gets_the_condition_of_its_position(monkeypatch):
+    """_train_epoch's shuffled steps pair every fiber with its own position's
+    encoding (fiber (b, i, j) of a tap: position i * w + j)."""
+    seen = []
+    original = FlowPyramid.fiber_loss
+
+    def recording(self, level, fibers, conds):
+        seen.append((level, fibers.clone(), conds.clone()))
+        return original(self, level, fibers, conds)
+
+    monkeypatch.setattr(FlowPyramid, "fiber_loss", recording)
+    grids = [(3, 5), (2, 2)]
+    pyramid = FlowPyramid([4, 6], condition_dim=8, n_coupling_blocks=2, random_state=0)
+    group = []
+    for channels, (h, w) in zip([4, 6], grids):
+        # channel 0 holds the position, channel 1 the image
+        tap = torch.zeros(3, channels, h, w)
+        tap[:, 0] = torch.arange(h * w, dtype=torch.float32).reshape(h, w)
+        tap[:, 1] = torch.arange(3, dtype=torch.float32)[:, None, None]
+        group.append(tap)
+    optimizers = [_cflow._adam(flow, 1e-3) for flow in pyramid.flows]
+    generator = torch.Generator().manual_seed(0)
+    _cflow._train_epoch(pyramid, optimizers, [group], 7, generator)
+    for level, (h, w) in enumerate(grids):
+        encoding = positional_encoding(8, h, w).flatten(1).T
+        steps = [(f, c) for lev, f, c in seen if lev == level]
+        fibers = torch.cat([f for f, _ in steps])
+        conds = torch.cat([c for _, c in steps])
+        assert len(fibers) == 3 * h * w
+        positions = fibers[:, 0].long()
+        np.testing.assert_array_equal(conds, encoding[positions])
+        # every (image, position) once, in a shuffled order
+        keys = (fibers[:, 1] * h * w + fibers[:, 0]).long()
+        assert sorted(keys.tolist()) == list(range(3 * h * w))
+        assert keys.tolist() != sorted(keys.tolist())

@@ -12,6 +12,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
+from skpadim import _flow as flow_module
 from skpadim._flow import (
     ConditionalFlow,
     CouplingBlock,
@@ -319,3 +320,115 @@ def test_training_lowers_held_out_nll():
     independent = half_log_2pi_e + mixing.norm(dim=1).log().mean().item()
     assert final < initial - 1.0  # nats per dimension
     assert entropy - 0.1 < final < independent - 0.2
+
+
+# --- fast paths: the training loss's backward, the scoring path -------------
+
+
+def reference_loss(flow, x, cond):
+    """CFLOW-AD's loss through the modules' forward and autograd."""
+    return -torch.nn.functional.logsigmoid(flow.log_prob(x, cond)).mean()
+
+
+@pytest.mark.parametrize("n_features, condition_dim", [(5, 4), (8, 8), (33, 12)])
+def test_loss_and_its_gradients_match_autograd(n_features, condition_dim):
+    flow = ConditionalFlow(n_features, condition_dim, n_coupling_blocks=3, generator=0)
+    flow = perturb(flow.double(), 1, std=0.5)
+    x, cond = random_inputs(37, n_features, condition_dim, 2, dtype=torch.float64)
+    x = 2 * x  # some fibers fit badly, some well: both sides of the sigmoid
+    parameters = list(flow.parameters())
+    expected = reference_loss(flow, x, cond)
+    expected_grads = torch.autograd.grad(expected, parameters)
+    actual = flow.loss(x, cond)
+    assert actual.ndim == 0 and actual.grad_fn is not None
+    actual_grads = torch.autograd.grad(actual, parameters)
+    assert actual.item() == pytest.approx(expected.item(), rel=1e-12)
+    for a, e in zip(actual_grads, expected_grads):
+        assert a.shape == e.shape
+        np.testing.assert_allclose(a, e, rtol=1e-9, atol=1e-12)
+    assert min(e.abs().max().item() for e in expected_grads) > 1e-4
+
+
+@pytest.mark.parametrize("use_onednn", [True, False])
+def test_float32_loss_gradients_match_autograd(monkeypatch, use_onednn):
+    monkeypatch.setattr(flow_module, "USE_ONEDNN", use_onednn)
+    flow = perturb(ConditionalFlow(24, 8, n_coupling_blocks=2, generator=0), 1)
+    x, cond = random_inputs(64, 24, 8, 3)
+    parameters = list(flow.parameters())
+    expected = torch.autograd.grad(reference_loss(flow, x, cond), parameters)
+    actual = torch.autograd.grad(flow.loss(x, cond), parameters)
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
+
+
+def test_loss_differentiable_in_its_inputs_takes_the_autograd_path():
+    flow = perturb(ConditionalFlow(5, 4, n_coupling_blocks=2, generator=0), 1)
+    x, cond = random_inputs(8, 5, 4, 0)
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(flow.loss(x, cond), [x])
+    assert grad.shape == x.shape and grad.abs().max() > 0
+    with pytest.raises(ValueError, match="cond of shape"):
+        flow.loss(x, cond[:, :3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_features", [5, 16])
+def test_grid_log_prob_matches_log_prob(dtype, n_features):
+    pyramid = FlowPyramid([n_features], condition_dim=8, random_state=0).to(dtype)
+    pyramid = perturb(pyramid, 1)
+    features = torch.randn(
+        3, n_features, 4, 5, generator=torch.Generator().manual_seed(0)
+    )
+    features = features.to(dtype)
+    fibers, conds = pyramid.to_fibers(features)
+    with torch.no_grad():
+        expected = pyramid.flows[0].log_prob(fibers, conds).reshape(3, 4, 5)
+        actual = pyramid.level_log_prob(0, features)
+    assert actual.dtype == dtype
+    assert expected.std() > 0.1
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_grid_log_prob_of_an_image_is_the_same_alone_or_in_a_batch():
+    pyramid = perturb(FlowPyramid([64, 32], condition_dim=16, random_state=0), 1)
+    generator = torch.Generator().manual_seed(0)
+    for level, (channels, size) in enumerate([(64, 14), (32, 7)]):
+        features = torch.randn(5, channels, size, size, generator=generator)
+        with torch.no_grad():
+            together = pyramid.level_log_prob(level, features)
+            for i in range(5):
+                alone = pyramid.level_log_prob(level, features[i : i + 1])[0]
+                assert torch.equal(alone, together[i])
+
+
+def test_scoring_follows_weight_updates():
+    """A trained flow scores with its current weights (fused Adam updates in
+    place without bumping version counters), a frozen one after an in-place
+    change too."""
+    pyramid = FlowPyramid([6], condition_dim=4, n_coupling_blocks=2, random_state=0)
+    features = torch.randn(2, 6, 3, 3, generator=torch.Generator().manual_seed(0))
+    fibers, conds = pyramid.to_fibers(features)
+
+    def check():
+        with torch.no_grad():
+            expected = pyramid.flows[0].log_prob(fibers, conds).reshape(2, 3, 3)
+            actual = pyramid.level_log_prob(0, features)
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+        return actual
+
+    before = check()
+    optimizer = torch.optim.Adam(pyramid.parameters(), lr=0.1, fused=True)
+    for _ in range(2):
+        loss = pyramid.fiber_loss(0, fibers, conds)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        after = check()
+        assert not torch.equal(after, before)
+        before = after
+    pyramid.requires_grad_(False)
+    check()
+    with torch.no_grad():
+        pyramid.flows[0].blocks[1].global_offset.add_(0.5)
+    assert not torch.equal(check(), before)
