@@ -197,8 +197,9 @@ def _train_epoch(pyramid, optimizers, cache, fiber_batch_size, generator):
     for group in cache:
         for level, tap in enumerate(group):
             n_images, n_channels, height, width = tap.shape
-            # Cached taps are inference tensors: the reshape copies them.
-            fibers = tap.permute(0, 2, 3, 1).reshape(-1, n_channels).clone()
+            fibers = tap.permute(0, 2, 3, 1).reshape(-1, n_channels)
+            if fibers.is_inference():  # a view of a cached tap (1 x 1 grids)
+                fibers = fibers.clone()
             positions = pyramid.position_conditions(
                 height, width, dtype=tap.dtype, device=tap.device
             )

@@ -23,6 +23,15 @@ Departures from the reference (cflow-ad with FrEIA):
   first ``C - C // 2``);
 - the last layer of each subnet starts at zero, so a new flow is the identity;
   FrEIA keeps PyTorch's default initialisation there.
+
+Speed: the modules' ``forward``, ``inverse`` and ``log_prob`` are the plain,
+differentiable (and ONNX-exportable) definition, fibers as rows. Training and
+scoring take two faster paths that compute the same up to float rounding:
+:meth:`ConditionalFlow.loss` (:class:`_FlowLoss`, a hand-written backward)
+and :meth:`ConditionalFlow.grid_log_prob` (image by image, in place). Both
+hold the activations channels-major, (channels, fibers), so that the split
+and the channel permutation are row slices and row copies, and run their
+float32 CPU matmuls on oneDNN where torch has it (:func:`_mm`).
 """
 
 from __future__ import annotations
