@@ -36,7 +36,10 @@ measured against the same floor, e.g.::
     git worktree add --detach /tmp/skpadim-old 2796308
     python benchmarks/bench_fit_time.py --tree /tmp/skpadim-old --label before
 
-The child also times the detector's own network (``_get_runtime().network``)
+The child fits twice: the first fit of a fresh process (building the
+network, oneDNN's first-call set-up) is printed for information; the target
+is judged on the second, identical fit, as the floor is timed warm. The child
+also times the detector's own network (``_get_runtime().network``)
 on the same batches, best of 2, to give the ratio as the issue measured it.
 Floor and fit alternate, ``--repeats`` rounds; medians are reported. With
 ``--profile`` the child runs one more fit under ``torch.profiler`` and prints
@@ -129,6 +132,12 @@ def run_child(args):
         "fit_cpu_s": time.process_time() - cpu,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+    # A second, identical fit in the same process: what every fit after the
+    # first one costs (the floor is timed warm too).
+    wall, cpu = time.perf_counter(), time.process_time()
+    PadimDetector(**detector.get_params()).fit(X)
+    report["fit_warm_s"] = time.perf_counter() - wall
+    report["fit_warm_cpu_s"] = time.process_time() - cpu
     extractor = detector.feature_extractor_
     runtime = extractor._get_runtime()
     batches = list(extractor._batches(check_images(X), runtime, desc="pre"))
@@ -155,23 +164,32 @@ def run_child(args):
 
 
 # --------------------------------------------------------------- parent side
-def floor_seconds_fn(backbone, X):
-    """A callable timing one pass of the fastest forward over X's batches."""
+def floor_seconds_fn(backbone, n_features, X):
+    """A callable timing one pass of the fastest forward over X's batches,
+    with the weights the timed fits use (a detector with ``weights=None`` and
+    ``random_state=0``, fitted on two images): random weights of another
+    initialisation scheme run at another speed on the CPU."""
     import torch
+    from bench_predict import floor_network
 
-    from skpadim._images import Preprocessing, check_images
-    from skpadim.backbones import build_feature_network, get_backbone_spec
-    from skpadim.backbones._inference import optimize_for_inference
+    from skpadim import PadimDetector
+    from skpadim._images import check_images
 
-    spec = get_backbone_spec(backbone)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        network = build_feature_network(backbone, None, None)
-    network, memory_format = optimize_for_inference(network, "cpu")
-    pre = Preprocessing((IMAGE_SIZE, IMAGE_SIZE), None, spec.mean, spec.std)
+    detector = PadimDetector(
+        backbone=backbone,
+        weights=None,
+        n_features=n_features,
+        image_size=IMAGE_SIZE,
+        batch_size=BATCH_SIZE,
+        device="cpu",
+        random_state=0,
+    ).fit(X[:2])
+    network, memory_format = floor_network(detector)
+    extractor = detector.feature_extractor_
+    runtime = extractor._get_runtime()
     batches = [
-        pre(arrays, torch.device("cpu")).contiguous(memory_format=memory_format)
-        for arrays in check_images(X).batches(BATCH_SIZE)
+        b.contiguous(memory_format=memory_format)
+        for b in extractor._batches(check_images(X), runtime, desc="pre")
     ]
 
     def run():
@@ -273,7 +291,7 @@ def main(argv=None):
         X, kind = make_images(args.images, config["n_images"])
         images_file = os.path.join(folder, f"{name}.npy")
         np.save(images_file, X)
-        floor = floor_seconds_fn(name, X)
+        floor = floor_seconds_fn(name, config["n_features"], X)
         repeats = args.wide_repeats if name == "wide_resnet50_2" else args.repeats
         floors, fits = [], []
         for r in range(repeats):
@@ -294,7 +312,12 @@ def main(argv=None):
         fit_s = statistics.median(f["fit_s"] for f in fits)
         own_s = statistics.median(f["own_backbone_s"] for f in fits)
         fit_cpu = statistics.median(f["fit_cpu_s"] for f in fits)
-        wall_ratio, cpu_ratio = fit_s / floor_s, fit_cpu / floor_cpu
+        cold_wall_ratio, cold_cpu_ratio = fit_s / floor_s, fit_cpu / floor_cpu
+        warm_s = statistics.median(f.get("fit_warm_s", f["fit_s"]) for f in fits)
+        warm_cpu = statistics.median(
+            f.get("fit_warm_cpu_s", f["fit_cpu_s"]) for f in fits
+        )
+        wall_ratio, cpu_ratio = warm_s / floor_s, warm_cpu / floor_cpu
         # With one thread, process CPU time is the work done whatever the
         # other processes on the machine: the steadier figure when loaded.
         by_cpu = torch.get_num_threads() == 1
@@ -302,12 +325,13 @@ def main(argv=None):
         print(
             f"\n== {name} d={config['n_features']}, {len(X)} {kind} images "
             f"(load {load_average():.2f})\n"
-            f"fit {fit_s:.2f} s (cpu {fit_cpu:.1f} s, "
-            f"peak RSS {max(f['peak_rss'] for f in fits) / 2**20:.0f} MiB); one "
+            f"fit {warm_s:.2f} s (cpu {warm_cpu:.1f} s; first fit of a fresh "
+            f"process {fit_s:.2f} s, cpu {fit_cpu:.1f} s, peak RSS "
+            f"{max(f['peak_rss'] for f in fits) / 2**20:.0f} MiB); one "
             f"fastest backbone pass {floor_s:.2f} s (cpu {floor_cpu:.1f} s) -> fit / "
-            f"floor = {wall_ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time; "
-            f"the detector's own network {own_s:.2f} s -> fit / own = "
-            f"{fit_s / own_s:.2f}x"
+            f"floor = {wall_ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time (first fit "
+            f"{cold_cpu_ratio:.2f}x CPU time); the detector's own network "
+            f"{own_s:.2f} s -> fit / own = {warm_s / own_s:.2f}x"
         )
         if fits[-1].get("profile"):
             print("top ops of one fit by self CPU time (torch.profiler):")
@@ -325,8 +349,12 @@ def main(argv=None):
             "fit_over_floor": ratio,
             "fit_over_floor_wall": wall_ratio,
             "fit_over_floor_cpu": cpu_ratio,
+            "fit_warm_s": warm_s,
+            "fit_warm_cpu_s": warm_cpu,
+            "first_fit_over_floor_cpu": cold_cpu_ratio,
+            "first_fit_over_floor_wall": cold_wall_ratio,
             "ratio_basis": "cpu time (1 thread)" if by_cpu else "wall",
-            "fit_over_own_backbone": fit_s / own_s,
+            "fit_over_own_backbone": warm_s / own_s,
             "runs": fits,
             "floors": floors,
         }

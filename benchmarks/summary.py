@@ -33,6 +33,7 @@ ORDER = [
     "fit_memory_padim",
     "fit_memory_patchcore",
     "anomalib",
+    "anomalib_cflow",
 ]
 
 

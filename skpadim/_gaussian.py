@@ -306,6 +306,7 @@ class PatchGaussian(VersionedStateMixin, BaseEstimator):
         self : PatchGaussian
             The estimator, ready to score.
         """
+        moments.release()  # the fit is over: merge and free the float32 sums
         whitening = whitening_factors(moments, self.epsilon)
         self.moments_ = moments
         self.n_samples_seen_ = moments.count

@@ -47,6 +47,7 @@ class PatchMoments:
         self._mean = torch.as_tensor(mean, dtype=torch.float64)
         self._scatter = torch.as_tensor(scatter, dtype=torch.float64)
         self._pending = None  # float32 sums not merged yet (see _accumulate)
+        self._scatter_unset = False  # allocated, awaiting its first merge
 
     @property
     def count(self):
@@ -160,6 +161,14 @@ class PatchMoments:
         pending = self._pending
         if pending is None:
             pending = self._pending = _PendingSums(x.mean(dim=1))
+        if self._scatter is None:
+            # Allocated and touched (zeros) now, not at the first merge, so
+            # that the memory a fit holds is the same from its first batch to
+            # its last, however many images it sees.
+            self._scatter = torch.zeros(
+                pending.scatter.shape, dtype=torch.float64, device=x.device
+            )
+            self._scatter_unset = True
         centred = x - pending.reference.unsqueeze(1)
         # beta=0 on the first batch: the buffer is uninitialised memory.
         first = 0.0 if pending.count == 0 else 1.0
@@ -172,9 +181,13 @@ class PatchMoments:
         return self
 
     def _flush(self):
-        """Merge the pending float32 sums into the float64 totals (Chan)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
+        """Merge the pending float32 sums into the float64 totals (Chan).
+
+        The float32 buffers are kept for the next batches (reused, not
+        reallocated); :meth:`release` frees them.
+        """
+        pending = self._pending
+        if pending is None or pending.count == 0:
             return
         m = pending.count
         # The pending samples' mean is reference + shift, and their centred
@@ -183,16 +196,34 @@ class PatchMoments:
         batch_mean = pending.reference.double() + shift
         total = self._count + m
         delta = batch_mean - self._mean
-        if self._scatter is None:  # the first merge: a copy, not a sum
-            self._scatter = pending.scatter.to(torch.float64)
+        if self._scatter_unset:  # the first merge: a copy, not a sum
+            self._scatter.copy_(pending.scatter)
+            self._scatter_unset = False
         else:
-            self._scatter.add_(pending.scatter)
+            # By blocks of positions: a float64 += float32 sum makes a float64
+            # copy of its float32 operand, which must stay small.
+            for start in range(0, len(self._scatter), _ADD_BLOCK):
+                block = slice(start, start + _ADD_BLOCK)
+                self._scatter[block].add_(pending.scatter[block])
         # Both rank-one corrections in one batched product.
         left = torch.stack([shift, delta], dim=2)
         right = torch.stack([-m * shift, (self._count * m / total) * delta], dim=1)
         self._scatter.baddbmm_(left, right)
         self._mean.add_(delta, alpha=m / total)
         self._count = total
+        pending.count = 0
+        pending.total.zero_()
+
+    def release(self):
+        """Merge pending sums and free the float32 buffers (end of a fit).
+
+        Returns
+        -------
+        self : PatchMoments
+        """
+        self._flush()
+        self._pending = None
+        return self
 
     def merge(self, other):
         """Return the moments of the union of two disjoint sample sets (Chan).
@@ -288,7 +319,9 @@ class PatchMoments:
 
     def __getstate__(self):
         self._flush()  # pickles (e.g. from Dask workers) carry float64 totals only
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        state["_pending"] = None
+        return state
 
     def __setstate__(self, state):
         if "_count" not in state:  # pickled before the float32 road existed
@@ -298,7 +331,12 @@ class PatchMoments:
                 "_scatter": state["scatter"],
             }
         state.setdefault("_pending", None)
+        state.setdefault("_scatter_unset", False)
         self.__dict__.update(state)
+
+
+# Positions per block when adding the float32 sums into the float64 ones.
+_ADD_BLOCK = 64
 
 
 class _PendingSums:
