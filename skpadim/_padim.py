@@ -145,11 +145,12 @@ class PadimDetector(BasePatchDetector):
         return head.set_moments(moments, parts[0][1]), cache
 
     def _fit_nbytes(self, grid_shape, n_features, n_images):
-        # Each job accumulates float64 scatters and a pending float32 block
-        # (see PatchMoments); the merged ones are factored into float32
-        # whitening matrices.
+        # Each job accumulates a float64 scatter and a float32 block of
+        # pending sums (see PatchMoments), 12 bytes per entry. The block is
+        # freed before the merged scatter is factored into float32 whitening
+        # matrices, so the end of the fit (8 + 4 bytes) is no higher.
         entries = grid_shape[0] * grid_shape[1] * n_features**2
-        return entries * (12 * effective_n_jobs(self.n_jobs) + 4)
+        return entries * 12 * effective_n_jobs(self.n_jobs)
 
 
 def _chunk_moments(

@@ -342,10 +342,10 @@ SMALL_POSITIONS, SMALL_DIMS = 16 * 16, SMALL["n_features"]
 
 
 def padim_nbytes(n_positions, n_features, n_jobs=1):
-    """The PaDiM statistics, counted by hand: a float64 scatter and a float32
-    block of pending sums per job, and the float32 whitening factor, per
-    position and pair of features."""
-    return n_positions * n_features**2 * (12 * n_jobs + 4)
+    """The PaDiM statistics at their peak, counted by hand: a float64 scatter
+    and a float32 block of pending sums per job while accumulating; at the
+    end, the float64 scatter and the float32 whitening factor."""
+    return n_positions * n_features**2 * 12 * n_jobs
 
 
 def test_statistics_estimate_matches_a_fitted_model(serial):
@@ -357,11 +357,11 @@ def test_statistics_estimate_matches_a_fitted_model(serial):
     )
     # After the fit the pending float32 block is merged and gone.
     assert gaussian.moments_._pending is None
-    assert padim_nbytes(n_positions, n_dims) == held + 4 * n_positions * n_dims**2
+    assert padim_nbytes(n_positions, n_dims) == held
     assert PadimDetector()._fit_nbytes((16, 16), n_dims, 10) == padim_nbytes(
         n_positions, n_dims
     )
-    # Two jobs hold two float64 scatters at once.
+    # Two jobs hold two float64 scatters and two pending blocks at once.
     two = PadimDetector(n_jobs=2)._fit_nbytes((16, 16), n_dims, 10)
     assert two == padim_nbytes(n_positions, n_dims, n_jobs=2)
 
