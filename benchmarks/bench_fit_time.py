@@ -164,7 +164,7 @@ def run_child(args):
 
 
 # --------------------------------------------------------------- parent side
-def floor_seconds_fn(backbone, n_features, X):
+def floor_seconds_fn(backbone, X):
     """A callable timing one pass of the fastest forward over X's batches,
     with the weights the timed fits use (a detector with ``weights=None`` and
     ``random_state=0``, fitted on two images): random weights of another
@@ -293,7 +293,7 @@ def main(argv=None):
         X, kind = make_images(args.images, config["n_images"])
         images_file = os.path.join(folder, f"{name}.npy")
         np.save(images_file, X)
-        floor = floor_seconds_fn(name, config["n_features"], X)
+        floor = floor_seconds_fn(name, X)
         repeats = args.wide_repeats if name == "wide_resnet50_2" else args.repeats
         floors, fits = [], []
         for r in range(repeats):

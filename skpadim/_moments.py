@@ -36,7 +36,8 @@ class PatchMoments:
     mean : tensor of shape (n_positions, n_features), float64
         Per-position means.
     scatter : tensor of shape (n_positions, n_features, n_features), float64
-        Sum over samples of the centred outer products (x - mean)(x - mean)^T.
+        Sum over samples of the centred outer products (x - mean)(x - mean)^T;
+        None for zeros, allocated when first needed.
     """
 
     #: float32 samples summed in float32 before a merge into the float64 totals.
@@ -45,9 +46,11 @@ class PatchMoments:
     def __init__(self, count, mean, scatter):
         self._count = int(count)
         self._mean = torch.as_tensor(mean, dtype=torch.float64)
-        self._scatter = torch.as_tensor(scatter, dtype=torch.float64)
+        # None stands for zeros not allocated yet (see the scatter property).
+        self._scatter = (
+            None if scatter is None else torch.as_tensor(scatter, dtype=torch.float64)
+        )
         self._pending = None  # float32 sums not merged yet (see _accumulate)
-        self._scatter_unset = False  # allocated, awaiting its first merge
 
     @property
     def count(self):
@@ -91,11 +94,8 @@ class PatchMoments:
             Zero count, mean and scatter.
         """
         mean = torch.zeros(n_positions, n_features, dtype=torch.float64, device=device)
-        moments = cls(0, mean, torch.empty(0, dtype=torch.float64))
-        # The scatter is zeros, made only when first needed: a first float32
-        # flush writes it whole, so the zero-filling pass is skipped.
-        moments._scatter = None
-        return moments
+        # The scatter's zeros are made when first needed.
+        return cls(0, mean, None)
 
     @classmethod
     def from_batch(cls, x):
@@ -168,7 +168,6 @@ class PatchMoments:
             self._scatter = torch.zeros(
                 pending.scatter.shape, dtype=torch.float64, device=x.device
             )
-            self._scatter_unset = True
         centred = x - pending.reference.unsqueeze(1)
         # beta=0 on the first batch: the buffer is uninitialised memory.
         first = 0.0 if pending.count == 0 else 1.0
@@ -196,15 +195,11 @@ class PatchMoments:
         batch_mean = pending.reference.double() + shift
         total = self._count + m
         delta = batch_mean - self._mean
-        if self._scatter_unset:  # the first merge: a copy, not a sum
-            self._scatter.copy_(pending.scatter)
-            self._scatter_unset = False
-        else:
-            # By blocks of positions: a float64 += float32 sum makes a float64
-            # copy of its float32 operand, which must stay small.
-            for start in range(0, len(self._scatter), _ADD_BLOCK):
-                block = slice(start, start + _ADD_BLOCK)
-                self._scatter[block].add_(pending.scatter[block])
+        # By blocks of positions: a float64 += float32 sum makes a float64
+        # copy of its float32 operand, which must stay small.
+        for start in range(0, len(self._scatter), _ADD_BLOCK):
+            block = slice(start, start + _ADD_BLOCK)
+            self._scatter[block].add_(pending.scatter[block])
         # Both rank-one corrections in one batched product.
         left = torch.stack([shift, delta], dim=2)
         right = torch.stack([-m * shift, (self._count * m / total) * delta], dim=1)
@@ -331,7 +326,6 @@ class PatchMoments:
                 "_scatter": state["scatter"],
             }
         state.setdefault("_pending", None)
-        state.setdefault("_scatter_unset", False)
         self.__dict__.update(state)
 
 
