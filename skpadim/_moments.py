@@ -40,7 +40,7 @@ class PatchMoments:
         None for zeros, allocated when first needed.
     """
 
-    #: float32 samples summed in float32 before a merge into the float64 totals.
+    # float32 samples summed in float32 before a merge into the float64 totals.
     FLUSH_SAMPLES = 512
 
     def __init__(self, count, mean, scatter):
@@ -215,6 +215,7 @@ class PatchMoments:
         Returns
         -------
         self : PatchMoments
+            The same moments, all samples in the float64 totals.
         """
         self._flush()
         self._pending = None
