@@ -70,6 +70,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
+    allocator_description,
     describe_machine,
     info_row,
     interleaved,
@@ -79,6 +80,7 @@ from _common import (  # noqa: E402
     median_wall,
     print_targets,
     profile_table,
+    reexec_with_steady_allocator,
     save_result,
     target,
 )
@@ -267,6 +269,11 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=8, help="profile rows")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--no-save", dest="save", action="store_false")
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="keep glibc's default malloc (page faults on every batch)",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -275,7 +282,7 @@ def main(argv=None):
     print(
         f"{args.n_images} images scored, batch {args.batch_size}, {IMAGE_SIZE} px; "
         f"median of {args.repeats} interleaved rounds after 1 warm-up; floor = "
-        f"{FLOOR_VARIANT} (bench_forward.py)"
+        f"{FLOOR_VARIANT} (bench_forward.py); {allocator_description()}"
     )
     sets = image_sets(args.sets.split(","), args.n_fit, args.n_images)
     results, targets, infos = {}, [], []
@@ -285,7 +292,10 @@ def main(argv=None):
             name, IMAGE_SIZE, args.batch_size, 2, weights=params["weights"]
         )
         print(f"\n{name}: fastest_forward_images_per_second = {check:.1f} images/s")
-        results[name] = {"fastest_forward_images_per_second": check}
+        results[name] = {
+            "fastest_forward_images_per_second": check,
+            "allocator": allocator_description(),
+        }
         for set_name, (fit_X, X) in sets.items():
             fig = bench_one(name, set_name, fit_X, X, args)
             results[name][set_name] = fig
@@ -309,4 +319,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    reexec_with_steady_allocator(sys.argv)
     main()

@@ -389,7 +389,7 @@ class PatchFeatureExtractor(VersionedStateMixin, TransformerMixin, BaseEstimator
         if self.verbose:
             batches = tqdm(batches, total=total, desc=desc, unit="batch")
         for arrays in batches:
-            yield runtime.preprocessing(arrays, runtime.device)
+            yield runtime.preprocessing(arrays, runtime.device, runtime.memory_format)
 
     def _get_runtime(self):
         """The runtime state, rebuilt from the fitted arrays after unpickling."""

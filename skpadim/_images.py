@@ -305,14 +305,14 @@ def _to_rgb_float(image):
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[:, :, None]
-    if _is_scaled_integer(image.dtype):
-        image = image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max)
-    else:
-        image = image.astype(np.float32, copy=False)
-    if image.shape[2] == 1:
-        # Grayscale: replicate so ImageNet backbones see what they were trained on.
-        image = np.repeat(image, 3, axis=2)
-    return image
+    if not _is_scaled_integer(image.dtype) and image.shape[2] == 3:
+        return image.astype(np.float32, copy=False)
+    # One pass: the cast, the scaling of integers to [0, 1] and (grayscale)
+    # the replication to RGB, so that ImageNet backbones see what they were
+    # trained on, all happen as the output is written.
+    scale = np.iinfo(image.dtype).max if _is_scaled_integer(image.dtype) else 1
+    out = np.empty((*image.shape[:2], 3), np.float32)
+    return np.divide(image, np.float32(scale), out=out, dtype=np.float32)
 
 
 def _is_scaled_integer(dtype):
@@ -569,8 +569,12 @@ class Preprocessing:
         """The (height, width) of the tensor the backbone sees for an input shape."""
         return self.crop_box(shape)[2:]
 
-    def __call__(self, images, device):
-        """Turn a list of float RGB arrays into one normalised (B, 3, h, w) tensor."""
+    def __call__(self, images, device, memory_format=torch.contiguous_format):
+        """Turn a list of float RGB arrays into one normalised (B, 3, h, w) tensor.
+
+        The batch is written once, in ``memory_format`` (the network's), each
+        frame centred on its way in: no concatenated copy, no layout change.
+        """
         frames = [self._frame(image, device) for image in images]
         shapes = {tuple(frame.shape[-2:]) for frame in frames}
         if len(shapes) > 1:
@@ -578,10 +582,15 @@ class Preprocessing:
                 "With image_size=None all images must have the same size; got "
                 f"sizes {sorted(shapes)}. Set image_size to resize them."
             )
-        batch = torch.cat(frames)
+        (height, width), n_images = shapes.pop(), len(frames)
+        batch = torch.empty(
+            (n_images, 3, height, width), device=device, memory_format=memory_format
+        )
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
-        return (batch - mean) / std
+        for i, frame in enumerate(frames):
+            torch.sub(frame, mean, out=batch[i : i + 1])
+        return batch.div_(std)
 
     def _frame(self, image, device):
         tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device)

@@ -86,6 +86,27 @@ def test_preprocessing_resizes_crops_and_normalises():
     assert prep.crop_box((13, 17)) == (10, 15, 20, 30)
 
 
+def test_preprocessing_writes_the_batch_in_the_requested_memory_format():
+    prep = Preprocessing((12, 10), None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    rng = np.random.default_rng(3)
+    images = [rng.random((9, 14, 3), dtype=np.float32) for _ in range(3)]
+    plain = prep(images, "cpu")
+    last = prep(images, "cpu", torch.channels_last)
+    assert last.is_contiguous(memory_format=torch.channels_last)
+    assert plain.is_contiguous()
+    torch.testing.assert_close(last, plain, rtol=0, atol=0)
+    mean = torch.tensor(prep.mean).view(3, 1, 1)
+    std = torch.tensor(prep.std).view(3, 1, 1)
+    resized = torch.nn.functional.interpolate(
+        torch.from_numpy(images[1]).permute(2, 0, 1)[None],
+        size=(12, 10),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )[0]
+    torch.testing.assert_close(last[1], (resized - mean) / std)
+
+
 def test_maps_go_back_to_input_pixels_with_nan_outside_the_crop():
     # Input 40x80 -> resized 20x40 -> crop 10x20 at (5, 10): the crop covers
     # input rows 10..29 and columns 20..59 exactly.
