@@ -30,8 +30,12 @@ def reuse_buffers():
     """Let :func:`scratch` hand back the same memory within this block.
 
     Only for loops that are done with a batch's temporaries before they ask
-    for the next batch's.
+    for the next batch's. A block inside another joins it: its buffers then
+    live as long as the outer block's (give them names of their own).
     """
+    if _BUFFERS.get() is not None:
+        yield
+        return
     token = _BUFFERS.set({})
     try:
         yield

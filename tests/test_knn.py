@@ -18,6 +18,17 @@ def reference(queries, bank, k, query_groups=None, bank_groups=None):
     return np.take_along_axis(d, order, axis=1), order
 
 
+@pytest.fixture(autouse=True, params=["float32", "bfloat16"])
+def screening(request, monkeypatch):
+    """Run every test with each precision of the proposals, whatever this CPU
+    would choose (bfloat16 products are emulated where they are not native)."""
+    import skpadim._knn as knn
+
+    dtype = getattr(torch, request.param)
+    monkeypatch.setattr(knn, "_screening_dtype", lambda device: dtype)
+    return dtype
+
+
 def tensors(rng, *shapes, scale=1.0):
     return [
         torch.tensor(scale * rng.normal(size=s), dtype=torch.float32) for s in shapes
@@ -203,3 +214,106 @@ def test_float64_and_float16_inputs_give_float32():
         queries.half().float().numpy(), bank.half().float().numpy(), 2
     )
     np.testing.assert_array_equal(indices.numpy(), want_i)
+
+
+# --- bfloat16 proposals: verified, or redone in float32 ------------------------
+
+
+@pytest.fixture
+def float32_redos(monkeypatch):
+    """The numbers of bfloat16-proposed rows that failed verification (and
+    were therefore proposed again in float32)."""
+    import skpadim._knn as knn
+
+    counts = []
+    original = knn._verified
+
+    def spy(*args):
+        verified = original(*args)
+        counts.append(int((~verified).sum()))
+        return verified
+
+    monkeypatch.setattr(knn, "_verified", spy)
+    return counts
+
+
+def near_rivals(rng, n_queries, n_features=8):
+    """Clusters far from the origin on both sides (centring cannot help), each
+    with rivals 2e-3 apart, and queries 1e-3 from some of them: bfloat16
+    products (8 bits) cannot rank these, float32 ones can."""
+    anchors = 1000.0 * np.sign(rng.normal(size=(6, 1))) + rng.normal(
+        size=(6, n_features)
+    )
+    rivals = anchors[:, None, :] + 2e-3 * rng.normal(size=(6, 4, n_features))
+    bank = np.concatenate([anchors, rivals.reshape(-1, n_features)])
+    picks = rng.integers(0, len(bank), n_queries)
+    queries = bank[picks] + 1e-3 * rng.normal(size=(n_queries, n_features))
+    return (torch.tensor(queries, dtype=torch.float32),) + (
+        torch.tensor(bank, dtype=torch.float32),
+    )
+
+
+def test_unverifiable_bfloat16_rows_are_redone_in_float32(
+    screening, float32_redos, monkeypatch
+):
+    import skpadim._knn as knn
+
+    queries, bank = near_rivals(np.random.default_rng(7), 20)
+    # Two spare candidates among five rivals: only the verification can
+    # notice a wrong proposal.
+    monkeypatch.setattr(knn, "_MARGIN", {torch.float32: 8, torch.bfloat16: 2})
+    check(queries, bank, 1, rtol=1e-5, atol=0)
+    if screening == torch.bfloat16:
+        assert sum(float32_redos) == 20  # none of these can be verified
+    else:
+        assert float32_redos == []  # float32 proposals are not verified
+
+
+def test_bfloat16_proposals_of_separated_points_are_verified(screening, float32_redos):
+    queries, bank = tensors(np.random.default_rng(8), (300, 16), (400, 16))
+    check(queries, bank, 2)
+    assert sum(float32_redos) == 0
+    assert len(float32_redos) == (screening == torch.bfloat16)
+
+
+def test_product_error_bounds_bfloat16_rounding():
+    """The bound holds where the rounding errors all have the same sign: inputs
+    just below halfway between bfloat16 numbers (rounded down by 2^-8), and a
+    sum (385) that bfloat16 rounds down too; the worst case is not far below
+    the bound."""
+    from skpadim._knn import _product_error
+
+    n_features = 385
+    ratios = []
+    for value in (1 + 2**-8 - 2**-20, 0.3, 1 - 3 * 2**-10):
+        q = torch.full((1, n_features), value)
+        b = torch.full((3, n_features), value) * torch.tensor([[1.0], [0.5], [-1.0]])
+        exact = (b.double().square().sum(1) - 2 * (q.double() @ b.double().T))[0]
+        products = (q.bfloat16() @ b.bfloat16().T).float()
+        approximate = (b.square().sum(1) - 2 * products)[0].double()
+        q_norm = torch.linalg.vector_norm(q, dim=1)
+        bound = _product_error(q_norm, n_features, torch.bfloat16).double()
+        bound = bound * torch.linalg.vector_norm(b, dim=1).double()
+        ratios.append(((approximate - exact).abs() / bound).max().item())
+    assert max(ratios) <= 1
+    assert max(ratios) > 0.6  # a bound half as large would not hold
+
+
+def test_bfloat16_proposal_values_are_lower_bounds():
+    """What the verification relies on: the value ``_propose`` ranks by (and
+    returns for the last candidate) is at most the exact |b|² - 2 q·b."""
+    from skpadim._knn import _product_error, _propose
+
+    queries, bank = near_rivals(np.random.default_rng(9), 40)
+    centre = bank.mean(dim=0)
+    centred = queries - centre
+    slack = _product_error(
+        torch.linalg.vector_norm(centred, dim=1), bank.shape[1], torch.bfloat16
+    )
+    for n_candidates in (1, 3):
+        candidates, last = _propose(
+            centred, bank, centre, None, None, n_candidates, len(bank), slack
+        )
+        kept = bank[candidates[:, -1]].double() - centre.double()
+        exact = kept.square().sum(1) - 2 * (centred.double() * kept).sum(1)
+        assert (last.double() <= exact + 1e-3 * exact.abs()).all()
