@@ -21,7 +21,7 @@ from ._persistence import VersionedStateMixin
 from ._scratch import scratch
 
 
-def whitening_factors(moments, epsilon, *, chunk_size=256):
+def whitening_factors(moments, epsilon, *, chunk_size=None):
     """Per-position inverse Cholesky factors W = L^-1 with W Sigma W^T = I.
 
     Computed in float64, a chunk of positions at a time so the float64
@@ -31,13 +31,29 @@ def whitening_factors(moments, epsilon, *, chunk_size=256):
     in place): about twice as fast as torch's batched Cholesky and
     triangular solve there, which also materialise an identity per position.
 
+    The factors are stored transposed (each W^T contiguous, the result a
+    transposed view): that is the operand scoring multiplies by, and the
+    layout LAPACK leaves them in, so storing them is a plain copy.
+
+    Parameters
+    ----------
+    moments : PatchMoments
+    epsilon : float
+        Added to the covariances' diagonals.
+    chunk_size : int or None, default=None
+        Positions factorised at once; None keeps their float64 covariances
+        within :data:`_CHUNK_BYTES`.
+
     Returns
     -------
     tensor of shape (n_positions, n_features, n_features), float32, lower triangular
     """
     n_positions, n_features = moments.shape
     device = moments.mean.device
-    out = torch.empty(n_positions, n_features, n_features, device=device)
+    if chunk_size is None:
+        chunk_size = max(1, min(256, _CHUNK_BYTES // (8 * n_features**2)))
+    transposed = torch.empty(n_positions, n_features, n_features, device=device)
+    out = transposed.mT
     factor_block = (
         _lapack_inverse_cholesky if device.type == "cpu" else _torch_inverse_cholesky
     )
@@ -50,6 +66,10 @@ def whitening_factors(moments, epsilon, *, chunk_size=256):
                 f"(got {epsilon})."
             )
     return out
+
+
+# float64 covariances factorised at once (27 positions at d=550, 256 at d=100).
+_CHUNK_BYTES = 64 * 2**20
 
 
 def _lapack_inverse_cholesky(covariance, out):
@@ -66,7 +86,7 @@ def _lapack_inverse_cholesky(covariance, out):
         inverse, info = lapack.dtrtri(factor, lower=1, overwrite_c=1)
         if info != 0:
             return False
-        target[i] = inverse
+        target[i] = inverse  # both Fortran-ordered when out is a transposed view
     return True
 
 
@@ -149,11 +169,12 @@ def pack_lower(matrices):
 
 
 def unpack_lower(packed, n_features):
-    """Inverse of :func:`pack_lower`."""
+    """Inverse of :func:`pack_lower`, in the layout of :func:`whitening_factors`
+    (a transposed view of contiguous upper-triangular matrices)."""
     rows, cols = np.tril_indices(n_features)
     out = np.zeros((packed.shape[0], n_features, n_features), dtype=packed.dtype)
-    out[:, rows, cols] = packed
-    return out
+    out[:, cols, rows] = packed
+    return out.transpose(0, 2, 1)
 
 
 class PatchGaussian(VersionedStateMixin, BaseEstimator):

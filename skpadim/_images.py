@@ -573,7 +573,7 @@ class Preprocessing:
         """Turn a list of float RGB arrays into one normalised (B, 3, h, w) tensor.
 
         The batch is written once, in ``memory_format`` (the network's), each
-        frame centred on its way in: no concatenated copy, no layout change.
+        frame normalised on its way in: no concatenated copy, no layout change.
         """
         frames = [self._frame(image, device) for image in images]
         shapes = {tuple(frame.shape[-2:]) for frame in frames}
@@ -589,8 +589,9 @@ class Preprocessing:
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         for i, frame in enumerate(frames):
-            torch.sub(frame, mean, out=batch[i : i + 1])
-        return batch.div_(std)
+            # One image at a time, so that it is still in cache for the division.
+            torch.sub(frame, mean, out=batch[i : i + 1]).div_(std)
+        return batch
 
     def _frame(self, image, device):
         tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device)

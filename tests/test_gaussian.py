@@ -184,6 +184,21 @@ def test_pickle_stores_half_the_factor_and_scores_identically():
         loaded.partial_fit(X)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_factors_are_stored_as_contiguous_transposes_also_after_loading(chunk_size):
+    # Scoring multiplies by W^T: contiguous, it is a faster operand (and it is
+    # the layout LAPACK leaves the factors in).
+    rng = np.random.default_rng(7)
+    moments = PatchMoments.from_batch(torch.from_numpy(rng.normal(size=(5, 20, 6))))
+    w = whitening_factors(moments, 0.01, chunk_size=chunk_size)
+    assert w.mT.is_contiguous() and torch.equal(w, w.tril())
+    head = PatchGaussian().fit(rng.normal(size=(20, 6, 2, 2)))
+    loaded = pickle.loads(pickle.dumps(head))
+    for model in (head, loaded):
+        assert model.whitening_.transpose(0, 2, 1).flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(loaded.whitening_, head.whitening_)
+
+
 def test_partial_fit_rejects_other_feature_shapes():
     det = PatchGaussian().partial_fit(
         np.zeros((3, 4, 2, 2)) + np.arange(3)[:, None, None, None]
