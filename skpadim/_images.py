@@ -11,7 +11,8 @@ model-frame anomaly map back onto the image the user passed in.
 How pixels are read
 -------------------
 Every image becomes float32 RGB in [0, 1]; grayscale is replicated to three
-channels.
+channels (by the preprocessing, after resizing: one channel is resized, not
+three).
 
 * Arrays: uint8 is divided by 255, uint16 by 65535, and floats must already lie
   in [0, 1]. Other dtypes (bool, signed or wider integers, complex, object) are
@@ -122,7 +123,8 @@ class ImageSet:
         return ImageSet(items, self.kind, shapes)
 
     def batches(self, batch_size, *, prefetch=2):
-        """Yield lists of (H, W, 3) float32 RGB arrays in [0, 1], in order.
+        """Yield lists of float32 arrays in [0, 1], in order: (H, W, 3) RGB
+        or (H, W, 1) grayscale (which :class:`Preprocessing` replicates).
 
         Files are decoded by a small thread pool up to ``prefetch`` batches
         ahead, so reading and decoding overlap the network's work (PIL
@@ -148,7 +150,7 @@ class ImageSet:
             return _read_image_file(item)
         if self.kind == "pil":
             return _read_pil_image(item)
-        return _to_rgb_float(item)
+        return _to_float_pixels(item)
 
 
 # --- Files and PIL images -------------------------------------------------
@@ -208,12 +210,13 @@ def read_image(source):
         Upright RGB in [0, 1], read by the rules of this module's docstring.
     """
     if isinstance(source, Image.Image):
-        return _read_pil_image(source)
-    return _read_image_file(source)
+        return _as_rgb(_read_pil_image(source))
+    return _as_rgb(_read_image_file(source))
 
 
 def _read_image_file(path):
-    """Decode an image file to upright float32 RGB in [0, 1]."""
+    """Decode an image file to upright float32 pixels in [0, 1], (H, W, 1)
+    grayscale or (H, W, 3) RGB."""
     source = f"image file {os.fspath(path)!r}"
     with _decoding_errors(source), Image.open(path) as image:
         return _decode(image)
@@ -253,14 +256,15 @@ def _orientation(image):
 
 
 def _decode(image):
-    """Upright float32 RGB in [0, 1] from an open PIL image of any mode."""
+    """Upright float32 pixels in [0, 1] from an open PIL image of any mode:
+    (H, W, 1) grayscale or (H, W, 3) RGB."""
     orientation = _orientation(image)  # before loading: see _orientation
     pixels = _mode_pixels(image)
     if pixels.size == 0:
         raise _PixelError(f"the image is empty (shape {pixels.shape}).")
     if orientation in _UPRIGHT:
         pixels = _UPRIGHT[orientation](pixels)
-    return _to_rgb_float(pixels)
+    return _to_float_pixels(pixels)
 
 
 def _mode_pixels(image):
@@ -300,19 +304,21 @@ def _sixteen_bit(pixels):
 # --- Arrays ---------------------------------------------------------------
 
 
-def _to_rgb_float(image):
-    """(H, W), (H, W, 1) or (H, W, 3) uint8, uint16 or float in [0, 1] -> RGB."""
+def _to_float_pixels(image):
+    """(H, W), (H, W, 1) or (H, W, 3) uint8, uint16 or float in [0, 1] ->
+    float32 (H, W, 1) or (H, W, 3) in [0, 1], in one pass."""
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[:, :, None]
-    if not _is_scaled_integer(image.dtype) and image.shape[2] == 3:
+    if not _is_scaled_integer(image.dtype):
         return image.astype(np.float32, copy=False)
-    # One pass: the cast, the scaling of integers to [0, 1] and (grayscale)
-    # the replication to RGB, so that ImageNet backbones see what they were
-    # trained on, all happen as the output is written.
-    scale = np.iinfo(image.dtype).max if _is_scaled_integer(image.dtype) else 1
-    out = np.empty((*image.shape[:2], 3), np.float32)
-    return np.divide(image, np.float32(scale), out=out, dtype=np.float32)
+    scale = np.float32(np.iinfo(image.dtype).max)
+    return np.divide(image, scale, dtype=np.float32)
+
+
+def _as_rgb(pixels):
+    """Grayscale (H, W, 1) replicated to RGB, as ImageNet backbones expect."""
+    return np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
 
 
 def _is_scaled_integer(dtype):
@@ -570,7 +576,8 @@ class Preprocessing:
         return self.crop_box(shape)[2:]
 
     def __call__(self, images, device, memory_format=torch.contiguous_format):
-        """Turn a list of float RGB arrays into one normalised (B, 3, h, w) tensor.
+        """Turn a list of float (H, W, 3) RGB or (H, W, 1) grayscale arrays
+        into one normalised (B, 3, h, w) tensor.
 
         The batch is written once, in ``memory_format`` (the network's), each
         frame normalised on its way in: no concatenated copy, no layout change.
@@ -605,7 +612,9 @@ class Preprocessing:
                 align_corners=False,
             )
         top, left, height, width = self.crop_box(image.shape[:2])
-        return tensor[:, :, top : top + height, left : left + width]
+        frame = tensor[:, :, top : top + height, left : left + width]
+        # Grayscale to RGB last: the resize above ran on one channel.
+        return frame.expand(-1, 3, -1, -1)
 
     def to_input_frame(self, maps, shape):
         """Resample model-frame maps onto the pixel grid of the input image.

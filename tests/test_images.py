@@ -10,6 +10,7 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from skpadim._images import (
     Preprocessing,
+    _as_rgb,
     check_images,
     check_size,
     read_image,
@@ -34,13 +35,22 @@ def test_each_input_kind_loads_the_same_pixels(tmp_path):
     np.testing.assert_allclose(loaded[0], arrays / 255.0, rtol=1e-6)
 
 
-def test_grayscale_is_replicated_and_floats_pass_through():
+def test_grayscale_is_replicated_after_resizing_and_floats_pass_through():
     gray = np.random.default_rng(1).random((2, 8, 9))
     (batch,) = check_images(gray).batches(4)
-    assert batch[0].shape == (8, 9, 3)
-    np.testing.assert_allclose(batch[1][..., 2], gray[1], rtol=1e-6)
+    assert batch[0].shape == (8, 9, 1)  # one channel to resize, not three
+    np.testing.assert_allclose(batch[1][..., 0], gray[1], rtol=1e-6)
     (batch,) = check_images(gray[..., None]).batches(4)
-    assert batch[0].shape == (8, 9, 3)
+    assert batch[0].shape == (8, 9, 1)
+    prep = Preprocessing((5, 6), None, (0.1, 0.2, 0.3), (0.5, 0.25, 0.125))
+    rgb = prep([np.repeat(b, 3, axis=2) for b in batch], "cpu")
+    assert torch.equal(prep(batch, "cpu"), rgb)
+    # The public reader gives what the detectors see: RGB.
+    assert read_image(Image.fromarray((gray[0] * 255).astype(np.uint8))).shape == (
+        8,
+        9,
+        3,
+    )
 
 
 def test_lists_of_mixed_sizes_keep_their_shapes():
@@ -145,7 +155,10 @@ def _save(image, path, **kwargs):
 
 
 def _read(X):
-    return np.concatenate([np.stack(batch) for batch in check_images(X).batches(2)])
+    """The pixels of X as the detectors see them: grayscale replicated to RGB
+    (which the preprocessing does, after resizing)."""
+    batches = check_images(X).batches(2)
+    return np.concatenate([np.stack([_as_rgb(i) for i in b]) for b in batches])
 
 
 def test_colour_inputs_of_every_kind_read_the_same(tmp_path):
