@@ -15,6 +15,7 @@ from scipy.linalg import lapack
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
 
 from ._moments import PatchMoments, positions_first
 from ._persistence import VersionedStateMixin
@@ -57,14 +58,17 @@ def whitening_factors(moments, epsilon, *, chunk_size=None):
     factor_block = (
         _lapack_inverse_cholesky if device.type == "cpu" else _torch_inverse_cholesky
     )
-    for start in range(0, n_positions, chunk_size):
-        block = slice(start, start + chunk_size)
-        covariance = moments.covariance(epsilon, block)
-        if not factor_block(covariance, out[block]):
-            raise ValueError(
-                "A covariance matrix is not positive definite; epsilon must be > 0 "
-                f"(got {epsilon})."
-            )
+    # scipy's LAPACK has its own thread pool: hold it to torch's thread count,
+    # which the caller (or a worker running several jobs) has set.
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        for start in range(0, n_positions, chunk_size):
+            block = slice(start, start + chunk_size)
+            covariance = moments.covariance(epsilon, block)
+            if not factor_block(covariance, out[block]):
+                raise ValueError(
+                    "A covariance matrix is not positive definite; epsilon must be "
+                    f"> 0 (got {epsilon})."
+                )
     return out
 
 
