@@ -577,7 +577,12 @@ class _Runtime:
             return None
         if len(local) == stop - start:  # every channel kept: no copy
             return tap
-        return tap[:, torch.as_tensor(local, device=tap.device)]
+        local = torch.as_tensor(local, device=tap.device)
+        # A scratch buffer per tap (they are alive together), reused while
+        # scoring like the embedding they are copied into.
+        shape = (tap.shape[0], len(local), *tap.shape[2:])
+        kept = scratch(f"kept_{start}", shape, dtype=tap.dtype, device=tap.device)
+        return torch.index_select(tap, 1, local, out=kept)
 
 
 def upsample_into(out, tap, mode):

@@ -64,6 +64,8 @@ import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image
 
+from ._scratch import scratch
+
 _PATH_TYPES = (str, os.PathLike)
 # Threads decoding image files; decoding is I/O and C code, so a few suffice.
 _LOADER_THREADS = min(4, os.cpu_count() or 1)
@@ -590,9 +592,12 @@ class Preprocessing:
                 f"sizes {sorted(shapes)}. Set image_size to resize them."
             )
         (height, width), n_images = shapes.pop(), len(frames)
-        batch = torch.empty(
-            (n_images, 3, height, width), device=device, memory_format=memory_format
-        )
+        # A scratch buffer: while scoring, the next batch reuses its memory.
+        if memory_format == torch.channels_last:
+            shape = (n_images, height, width, 3)
+            batch = scratch("input", shape, device=device).permute(0, 3, 1, 2)
+        else:
+            batch = scratch("input", (n_images, 3, height, width), device=device)
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         for i, frame in enumerate(frames):
