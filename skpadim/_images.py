@@ -125,8 +125,9 @@ class ImageSet:
         return ImageSet(items, self.kind, shapes)
 
     def batches(self, batch_size, *, prefetch=2):
-        """Yield lists of float32 arrays in [0, 1], in order: (H, W, 3) RGB
-        or (H, W, 1) grayscale (which :class:`Preprocessing` replicates).
+        """Yield lists of (H, W, 3) RGB or (H, W, 1) grayscale arrays, in
+        order: uint8 as read or given (which :class:`Preprocessing` scales
+        while it normalises them), anything else float32 in [0, 1].
 
         Files are decoded by a small thread pool up to ``prefetch`` batches
         ahead, so reading and decoding overlap the network's work (PIL
@@ -152,7 +153,7 @@ class ImageSet:
             return _read_image_file(item)
         if self.kind == "pil":
             return _read_pil_image(item)
-        return _to_float_pixels(item)
+        return _batch_pixels(item)
 
 
 # --- Files and PIL images -------------------------------------------------
@@ -212,13 +213,13 @@ def read_image(source):
         Upright RGB in [0, 1], read by the rules of this module's docstring.
     """
     if isinstance(source, Image.Image):
-        return _as_rgb(_read_pil_image(source))
-    return _as_rgb(_read_image_file(source))
+        return _as_rgb(_to_float_pixels(_read_pil_image(source)))
+    return _as_rgb(_to_float_pixels(_read_image_file(source)))
 
 
 def _read_image_file(path):
-    """Decode an image file to upright float32 pixels in [0, 1], (H, W, 1)
-    grayscale or (H, W, 3) RGB."""
+    """Decode an image file to upright (H, W, 1) grayscale or (H, W, 3) RGB
+    pixels, as :func:`_batch_pixels` gives them."""
     source = f"image file {os.fspath(path)!r}"
     with _decoding_errors(source), Image.open(path) as image:
         return _decode(image)
@@ -258,15 +259,15 @@ def _orientation(image):
 
 
 def _decode(image):
-    """Upright float32 pixels in [0, 1] from an open PIL image of any mode:
-    (H, W, 1) grayscale or (H, W, 3) RGB."""
+    """Upright pixels from an open PIL image of any mode: (H, W, 1) grayscale
+    or (H, W, 3) RGB, as :func:`_batch_pixels` gives them."""
     orientation = _orientation(image)  # before loading: see _orientation
     pixels = _mode_pixels(image)
     if pixels.size == 0:
         raise _PixelError(f"the image is empty (shape {pixels.shape}).")
     if orientation in _UPRIGHT:
         pixels = _UPRIGHT[orientation](pixels)
-    return _to_float_pixels(pixels)
+    return _batch_pixels(pixels)
 
 
 def _mode_pixels(image):
@@ -316,6 +317,15 @@ def _to_float_pixels(image):
         return image.astype(np.float32, copy=False)
     scale = np.float32(np.iinfo(image.dtype).max)
     return np.divide(image, scale, dtype=np.float32)
+
+
+def _batch_pixels(image):
+    """What a batch holds: uint8 pixels as they are, (H, W, C), scaled by the
+    preprocessing in its normalising pass; anything else as float32 in [0, 1]."""
+    pixels = np.asarray(image)
+    if pixels.dtype == np.uint8:
+        return pixels[:, :, None] if pixels.ndim == 2 else pixels
+    return _to_float_pixels(pixels)
 
 
 def _as_rgb(pixels):
@@ -578,13 +588,15 @@ class Preprocessing:
         return self.crop_box(shape)[2:]
 
     def __call__(self, images, device, memory_format=torch.contiguous_format):
-        """Turn a list of float (H, W, 3) RGB or (H, W, 1) grayscale arrays
-        into one normalised (B, 3, h, w) tensor.
+        """Turn a list of (H, W, 3) RGB or (H, W, 1) grayscale arrays, float
+        in [0, 1] or uint8, into one normalised (B, 3, h, w) tensor.
 
         The batch is written once, in ``memory_format`` (the network's), each
         frame normalised on its way in: no concatenated copy, no layout change.
+        A uint8 frame that needs no resizing is scaled and normalised in that
+        same pass.
         """
-        frames = [self._frame(image, device) for image in images]
+        frames = [self._frame(image, device, raw=True) for image in images]
         shapes = {tuple(frame.shape[-2:]) for frame in frames}
         if len(shapes) > 1:
             raise ValueError(
@@ -600,15 +612,29 @@ class Preprocessing:
             batch = scratch("input", (n_images, 3, height, width), device=device)
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        scale, shift = 1 / (255 * std), -mean / std
         for i, frame in enumerate(frames):
-            # One image at a time, so that it is still in cache for the division.
-            torch.sub(frame, mean, out=batch[i : i + 1]).div_(std)
+            if frame.dtype == torch.uint8:
+                torch.addcmul(shift, frame, scale, out=batch[i : i + 1])
+            else:
+                # One image at a time, so that it is still in cache for the division.
+                torch.sub(frame, mean, out=batch[i : i + 1]).div_(std)
         return batch
 
-    def _frame(self, image, device):
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    def _frame(self, image, device, *, raw=False):
+        """(1, 3, h, w) frame of one image: resized, cropped, RGB; float in
+        [0, 1], or with ``raw`` uint8 as given when it needs no resizing."""
+        pixels = np.ascontiguousarray(image)
+        if not pixels.flags.writeable:  # torch warns on read-only arrays (PIL's)
+            pixels = pixels.copy()
+        tensor = torch.from_numpy(pixels).to(device)
         tensor = tensor.permute(2, 0, 1).unsqueeze(0)
-        if self.image_size is not None and tuple(tensor.shape[-2:]) != self.image_size:
+        resize = (
+            self.image_size is not None and tuple(tensor.shape[-2:]) != self.image_size
+        )
+        if tensor.dtype == torch.uint8 and (resize or not raw):
+            tensor = tensor.to(torch.float32) / 255  # as _to_float_pixels does
+        if resize:
             tensor = F.interpolate(
                 tensor,
                 size=self.image_size,

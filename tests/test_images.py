@@ -11,6 +11,7 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 from skpadim._images import (
     Preprocessing,
     _as_rgb,
+    _to_float_pixels,
     check_images,
     check_size,
     read_image,
@@ -27,8 +28,7 @@ def test_each_input_kind_loads_the_same_pixels(tmp_path):
         Image.fromarray(a).save(paths[-1])
     pils = [Image.fromarray(a) for a in arrays]
     loaded = [
-        np.concatenate([np.stack(b) for b in check_images(X).batches(2)])
-        for X in (arrays, list(arrays), paths, [str(p) for p in paths], pils)
+        _read(X) for X in (arrays, list(arrays), paths, [str(p) for p in paths], pils)
     ]
     for other in loaded[1:]:
         np.testing.assert_array_equal(other, loaded[0])
@@ -117,6 +117,24 @@ def test_preprocessing_writes_the_batch_in_the_requested_memory_format():
     torch.testing.assert_close(last[1], (resized - mean) / std)
 
 
+@pytest.mark.parametrize("image_size", [(9, 14), (12, 10)])
+def test_uint8_frames_are_scaled_in_the_normalising_pass(image_size):
+    # Without resizing, uint8 pixels go straight into the batch: x / (255 std)
+    # - mean / std, one rounding away from (x / 255 - mean) / std; with
+    # resizing they are made float first, exactly as the float path does.
+    prep = Preprocessing(image_size, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    rng = np.random.default_rng(4)
+    pixels = [rng.integers(0, 256, (9, 14, 3), dtype=np.uint8) for _ in range(2)]
+    pixels.append(rng.integers(0, 256, (9, 14, 1), dtype=np.uint8))  # grayscale
+    floats = [_to_float_pixels(p) for p in pixels]
+    got = prep(pixels, "cpu", torch.channels_last)
+    want = prep(floats, "cpu", torch.channels_last)
+    if image_size == (9, 14):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(got, want)
+
+
 def test_maps_go_back_to_input_pixels_with_nan_outside_the_crop():
     # Input 40x80 -> resized 20x40 -> crop 10x20 at (5, 10): the crop covers
     # input rows 10..29 and columns 20..59 exactly.
@@ -158,7 +176,8 @@ def _read(X):
     """The pixels of X as the detectors see them: grayscale replicated to RGB
     (which the preprocessing does, after resizing)."""
     batches = check_images(X).batches(2)
-    return np.concatenate([np.stack([_as_rgb(i) for i in b]) for b in batches])
+    pixels = [_as_rgb(_to_float_pixels(i)) for b in batches for i in b]
+    return np.stack(pixels)
 
 
 def test_colour_inputs_of_every_kind_read_the_same(tmp_path):

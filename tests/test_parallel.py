@@ -432,9 +432,10 @@ def test_prefetching_reader_yields_the_same_batches(varied_paths):
     flat_ahead = [image for batch in ahead for image in batch]
     for got, again, source in zip(flat_eager, flat_ahead, arrays):
         np.testing.assert_array_equal(got, again)
-        # Grayscale stays one channel until the preprocessing has resized it.
+        # 8-bit pixels as decoded (the preprocessing scales them); grayscale
+        # stays one channel until the preprocessing has resized it.
         pixels = source if source.ndim == 3 else source[..., None]
-        np.testing.assert_array_equal(got, pixels.astype(np.float32) / 255.0)
+        np.testing.assert_array_equal(got, pixels)
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])
