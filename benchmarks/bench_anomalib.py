@@ -262,22 +262,8 @@ def main(argv=None):
         f"state dict (not used by the trunk: {left_out}); tap outputs differ by "
         f"{diff:.1e} (max relative)"
     )
-    runs = interleaved(
-        {
-            "skpadim anomaly_maps": lambda: padim.anomaly_maps(test),
-            "skpadim score_samples": lambda: padim.score_samples(test),
-            "anomalib forward": lambda: anomalib_outputs(a_padim, test_batches),
-        },
-        args.repeats,
-    )
-    padim_fig = report_scoring(runs, n_test)
-    o_maps, o_scores = padim.anomaly_maps(test), -padim.score_samples(test)
-    a_scores, a_maps = anomalib_outputs(a_padim, test_batches)
-    padim_fig["fit_s"] = {"skpadim": med(ours_fit), "anomalib": med(theirs_fit)}
-    padim_fig["pixel_image_auroc"] = {
-        "skpadim": aurocs(masks, labels, o_maps, o_scores),
-        "anomalib": aurocs(masks, labels, a_maps, a_scores),
-    }
+    evaluation = (test, test_batches, masks, labels, args.repeats)
+    padim_fig = compare(padim, a_padim, ours_fit, theirs_fit, *evaluation)
     padim_fig["feature_max_rel_diff"] = diff
     print_fit_and_auroc(padim_fig)
     figures["padim"] = padim_fig
@@ -312,25 +298,10 @@ def main(argv=None):
         f"{med([s[0] for s in split]):.1f} s features + "
         f"{med([s[1] for s in split]):.1f} s coreset"
     )
-    runs = interleaved(
-        {
-            "skpadim anomaly_maps": lambda: core.anomaly_maps(test),
-            "skpadim score_samples": lambda: core.score_samples(test),
-            "anomalib forward": lambda: anomalib_outputs(a_core, test_batches),
-        },
-        args.repeats,
-    )
-    core_fig = report_scoring(runs, n_test)
-    o_maps, o_scores = core.anomaly_maps(test), -core.score_samples(test)
-    a_scores, a_maps = anomalib_outputs(a_core, test_batches)
-    core_fig["fit_s"] = {"skpadim": med(ours_fit), "anomalib": med(theirs_fit)}
+    core_fig = compare(core, a_core, ours_fit, theirs_fit, *evaluation)
     core_fig["anomalib_fit_split_s"] = {
         "features": med([s[0] for s in split]),
         "coreset": med([s[1] for s in split]),
-    }
-    core_fig["pixel_image_auroc"] = {
-        "skpadim": aurocs(masks, labels, o_maps, o_scores),
-        "anomalib": aurocs(masks, labels, a_maps, a_scores),
     }
     print_fit_and_auroc(core_fig)
     figures["patchcore"] = core_fig
@@ -355,6 +326,28 @@ def main(argv=None):
     print_targets(targets)
     if args.save:
         save_result("anomalib", figures, targets=targets, info=infos)
+
+
+def compare(ours, theirs, ours_fit, theirs_fit, test, batches, masks, labels, repeats):
+    """Scoring speed (interleaved rounds), fit times and AUROCs of a fitted
+    skpadim detector and its fitted anomalib peer on the same test images."""
+    runs = interleaved(
+        {
+            "skpadim anomaly_maps": lambda: ours.anomaly_maps(test),
+            "skpadim score_samples": lambda: ours.score_samples(test),
+            "anomalib forward": lambda: anomalib_outputs(theirs, batches),
+        },
+        repeats,
+    )
+    fig = report_scoring(runs, len(test))
+    o_maps, o_scores = ours.anomaly_maps(test), -ours.score_samples(test)
+    a_scores, a_maps = anomalib_outputs(theirs, batches)
+    fig["fit_s"] = {"skpadim": med(ours_fit), "anomalib": med(theirs_fit)}
+    fig["pixel_image_auroc"] = {
+        "skpadim": aurocs(masks, labels, o_maps, o_scores),
+        "anomalib": aurocs(masks, labels, a_maps, a_scores),
+    }
+    return fig
 
 
 def report_scoring(runs, n):

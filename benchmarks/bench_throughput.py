@@ -70,6 +70,10 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import cpu_model, usable_cores  # noqa: E402
+
 IMAGE_SIZE = 224
 MIB = 2**20
 
@@ -189,25 +193,6 @@ def run_child(args):
 
 
 # --------------------------------------------------------------- parent side
-def cpu_model():
-    """The CPU model name from /proc/cpuinfo, or the platform's guess."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def usable_cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count()
-
-
 def parse_n_images(text, backbones, device_type):
     """Images per backbone: defaults, one number for all, or "name=N,..." overrides."""
     counts = {name: DEFAULT_N_IMAGES[device_type].get(name, 64) for name in backbones}
